@@ -17,6 +17,9 @@ NUM_PROCESSES ?= 1
 ACCELERATE_CONFIG ?= train/accelerate/single.yaml
 ARGS ?=
 
+# Each part's targets live in mk/<part>.mk (data, eval, serve, train).
+-include mk/*.mk
+
 .PHONY: help setup demo test test-slow test-browser lint format data eval bench clean-cache \
         train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter
 
