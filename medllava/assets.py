@@ -85,7 +85,9 @@ def load_gguf_llm(gguf_path: str | Path):
 
     gguf_path = Path(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not serializable"), although its
     # weights are already plain fp32 tensors. Dropping the quantizer record makes it an ordinary checkpoint.
     model.hf_quantizer = None
@@ -109,7 +111,12 @@ def llm_dir(force: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 _DINOV2_VITS14 = dict(
-    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=518,
+    hidden_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    mlp_ratio=4,
+    patch_size=14,
+    image_size=518,
     layerscale_value=1.0,
 )
 # Older transformers (and the ONNX export) name the attention projections differently from transformers 5.
@@ -172,13 +179,21 @@ def dinov2_state_dict_from_onnx(onnx_path: str | Path) -> dict:
         if len(biases) != 1:
             continue  # a MatMul of the saliency decoder or of attention scores
         layer = _rename_attention(biases[0].removeprefix("backbone.").removesuffix(".bias"))
-        state[f"{layer}.weight"] = torch.from_numpy(arrays[weights[0]].T.copy())  # ONNX stores x @ W, torch W x
+        state[f"{layer}.weight"] = torch.from_numpy(
+            arrays[weights[0]].T.copy()
+        )  # ONNX stores x @ W, torch W x
     if "embeddings.position_embeddings" not in state:
         # Some exports keep the grid behind a Reshape: pick the two position tensors by shape.
-        cls = [a for n, a in arrays.items() if not n.startswith(("backbone.", "decoder.")) and a.shape == (1, 1, 384)]
+        cls = [
+            a
+            for n, a in arrays.items()
+            if not n.startswith(("backbone.", "decoder.")) and a.shape == (1, 1, 384)
+        ]
         grid = [a for n, a in arrays.items() if a.ndim == 3 and a.shape[0] == 1 and a.shape[1] == 1369]
         if len(cls) == 1 and len(grid) == 1:
-            state["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls[0], grid[0]], axis=1))
+            state["embeddings.position_embeddings"] = torch.from_numpy(
+                np.concatenate([cls[0], grid[0]], axis=1)
+            )
     return state
 
 
@@ -190,7 +205,9 @@ def load_dinov2_from_onnx(onnx_path: str | Path):
     # mask_token is only used for masked-image pre-training, which the ONNX export does not need.
     missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
-        raise RuntimeError(f"DINOv2 conversion from {onnx_path} incomplete: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"DINOv2 conversion from {onnx_path} incomplete: missing={missing} unexpected={unexpected}"
+        )
     return model
 
 
@@ -202,8 +219,12 @@ def convert_vision(out_dir: Path) -> None:
     # DINOv2's own preprocessing (resize 256, crop 224, ImageNet statistics), so the directory is a
     # self-contained vision checkpoint; MedLLaVA overrides the size when it assembles a model.
     BitImageProcessorPil(
-        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
     ).save_pretrained(out_dir)
 
 
@@ -222,11 +243,15 @@ def base_dir(image_size: int = DEFAULT_IMAGE_SIZE, force: bool = False) -> Path:
     def build(out: Path) -> None:
         from medllava.modeling import build_model
 
-        model, processor = build_model(vision=str(vision_dir()), llm=str(llm_dir()), image_size=image_size, seed=0)
+        model, processor = build_model(
+            vision=str(vision_dir()), llm=str(llm_dir()), image_size=image_size, seed=0
+        )
         model.save_pretrained(out)
         processor.save_pretrained(out)
 
-    return build_once(medllava_home() / f"base-{image_size}px", build, f"default base model ({image_size} px)", force)
+    return build_once(
+        medllava_home() / f"base-{image_size}px", build, f"default base model ({image_size} px)", force
+    )
 
 
 STARTER_DELTA = Path(__file__).parent / "starter"
@@ -255,7 +280,13 @@ def default_model_dir() -> Path:
     return base_dir()
 
 
-_TARGETS = {"base": base_dir, "starter": starter_dir, "llm": llm_dir, "vision": vision_dir, "default": default_model_dir}
+_TARGETS = {
+    "base": base_dir,
+    "starter": starter_dir,
+    "llm": llm_dir,
+    "vision": vision_dir,
+    "default": default_model_dir,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

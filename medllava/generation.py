@@ -1,9 +1,9 @@
 """Batched and streaming generation over `medllava.processing`, the one implementation used by eval and serve.
 
-    from medllava.generation import load, generate, stream
-    model, processor = load("~/.cache/medllava/base-112px")
-    [c.text for c in generate(model, processor, examples, max_new_tokens=32)]   # batched, left padded, greedy
-    for piece in stream(model, processor, example): print(piece, end="")         # token streaming
+from medllava.generation import load, generate, stream
+model, processor = load("~/.cache/medllava/base-112px")
+[c.text for c in generate(model, processor, examples, max_new_tokens=32)]   # batched, left padded, greedy
+for piece in stream(model, processor, example): print(piece, end="")         # token streaming
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    stop_event: threading.Event | None = field(default=None, repr=False)  # set it to stop a running generation
+    stop_event: threading.Event | None = field(
+        default=None, repr=False
+    )  # set it to stop a running generation
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,7 +59,9 @@ def _stopping(event: threading.Event):
 
     class _EventStop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+            return torch.full(
+                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
+            )
 
     return StoppingCriteriaList([_EventStop()])
 
@@ -83,7 +87,9 @@ def _end_ids(model, processor) -> set[int]:
 
 
 def _model_inputs(model, processor, examples: Sequence[dict], images_loaded: bool):
-    batch = encode(processor, examples, add_generation_prompt=True, padding_side="left", images_loaded=images_loaded)
+    batch = encode(
+        processor, examples, add_generation_prompt=True, padding_side="left", images_loaded=images_loaded
+    )
     batch = batch.to(model.device)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
@@ -91,8 +97,14 @@ def _model_inputs(model, processor, examples: Sequence[dict], images_loaded: boo
 
 
 @torch.inference_mode()
-def generate(model, processor, examples: Sequence[dict], params: SamplingParams | None = None,
-             images_loaded: bool = False, **overrides) -> list[Completion]:
+def generate(
+    model,
+    processor,
+    examples: Sequence[dict],
+    params: SamplingParams | None = None,
+    images_loaded: bool = False,
+    **overrides,
+) -> list[Completion]:
     """Answer a batch of {"images", "messages"} examples in one left-padded `generate` call."""
     params = params or SamplingParams(**overrides)
     if params.seed is not None:
@@ -100,8 +112,12 @@ def generate(model, processor, examples: Sequence[dict], params: SamplingParams 
     batch = _model_inputs(model, processor, examples, images_loaded)
     prompt_len = batch["input_ids"].shape[1]
     end_ids = _end_ids(model, processor)
-    output = model.generate(**batch, eos_token_id=sorted(end_ids), pad_token_id=processor.tokenizer.pad_token_id,
-                            **params.generate_kwargs())
+    output = model.generate(
+        **batch,
+        eos_token_id=sorted(end_ids),
+        pad_token_id=processor.tokenizer.pad_token_id,
+        **params.generate_kwargs(),
+    )
     completions = []
     for row, ids in enumerate(output[:, prompt_len:].tolist()):
         n, finish = len(ids), "length"
@@ -109,17 +125,26 @@ def generate(model, processor, examples: Sequence[dict], params: SamplingParams 
             if token in end_ids:
                 n, finish = i, "stop"
                 break
-        completions.append(Completion(
-            text=processor.tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
-            prompt_tokens=int(batch["attention_mask"][row].sum()),
-            completion_tokens=n + (finish == "stop"),
-            finish_reason=finish,
-        ))
+        completions.append(
+            Completion(
+                text=processor.tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
+                prompt_tokens=int(batch["attention_mask"][row].sum()),
+                completion_tokens=n + (finish == "stop"),
+                finish_reason=finish,
+            )
+        )
     return completions
 
 
-def stream(model, processor, example: dict, params: SamplingParams | None = None, images_loaded: bool = False,
-           usage: dict | None = None, **overrides) -> Iterator[str]:
+def stream(
+    model,
+    processor,
+    example: dict,
+    params: SamplingParams | None = None,
+    images_loaded: bool = False,
+    usage: dict | None = None,
+    **overrides,
+) -> Iterator[str]:
     """Yield the answer to one example piece by piece as tokens are generated.
 
     If `usage` is a dict, it is filled with prompt_tokens / completion_tokens / finish_reason at the end.
@@ -131,15 +156,21 @@ def stream(model, processor, example: dict, params: SamplingParams | None = None
         torch.manual_seed(params.seed)
     batch = _model_inputs(model, processor, [example], images_loaded)
     end_ids = _end_ids(model, processor)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    streamer = TextIteratorStreamer(
+        processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+    )
     result: dict = {}
 
     def run():
         try:
             with torch.inference_mode():
                 result["output"] = model.generate(
-                    **batch, streamer=streamer, eos_token_id=sorted(end_ids),
-                    pad_token_id=processor.tokenizer.pad_token_id, **params.generate_kwargs())
+                    **batch,
+                    streamer=streamer,
+                    eos_token_id=sorted(end_ids),
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                    **params.generate_kwargs(),
+                )
         except BaseException as e:  # surfaced to the caller below
             result["error"] = e
             streamer.end()
@@ -156,8 +187,13 @@ def stream(model, processor, example: dict, params: SamplingParams | None = None
     if "error" in result:
         raise result["error"]
     if usage is not None:
-        new = result["output"][0, batch["input_ids"].shape[1]:].tolist()
+        new = result["output"][0, batch["input_ids"].shape[1] :].tolist()
         stopped = any(t in end_ids for t in new)
         n = next((i + 1 for i, t in enumerate(new) if t in end_ids), len(new))
-        usage.update(prompt_tokens=int(batch["attention_mask"].sum()), completion_tokens=n,
-                     finish_reason="stop" if stopped or (params.stop_event and params.stop_event.is_set()) else "length")
+        usage.update(
+            prompt_tokens=int(batch["attention_mask"].sum()),
+            completion_tokens=n,
+            finish_reason="stop"
+            if stopped or (params.stop_event and params.stop_event.is_set())
+            else "length",
+        )

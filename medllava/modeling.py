@@ -141,8 +141,13 @@ def make_image_processor(image_size: int, base=None):
     mean = list(getattr(base, "image_mean", None) or IMAGENET_MEAN)
     std = list(getattr(base, "image_std", None) or IMAGENET_STD)
     return BitImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_center_crop=False, do_resize=True,
-        image_mean=mean, image_std=std, do_convert_rgb=True, resample=3,
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        do_resize=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+        resample=3,
     )
 
 
@@ -168,7 +173,9 @@ def build_model(
         image_size = image_size or DEFAULT_IMAGE_SIZE
     else:
         if image_size not in (None, vcfg.image_size):
-            raise ValueError(f"{vcfg.model_type} works at its trained size {vcfg.image_size}, not {image_size}")
+            raise ValueError(
+                f"{vcfg.model_type} works at its trained size {vcfg.image_size}, not {image_size}"
+            )
         image_size = vcfg.image_size
     if image_size % vcfg.patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vcfg.patch_size}")
@@ -204,8 +211,11 @@ def build_model(
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if (
-        "<|im_end|>" in tokenizer.get_vocab()) else tokenizer.eos_token_id
+    model.generation_config.eos_token_id = (
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if ("<|im_end|>" in tokenizer.get_vocab())
+        else tokenizer.eos_token_id
+    )
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.do_sample = False
     for attr in ("temperature", "top_p", "top_k"):

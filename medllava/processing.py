@@ -27,8 +27,17 @@ MAX_IMAGE_PIXELS = 64_000_000  # per frame/slice; larger is treated as a decompr
 MAX_IMAGE_BYTES = 512 * 1024 * 1024
 # Technical DICOM tags that identify no one; the only header values this project ever reads out.
 SAFE_DICOM_TAGS = (
-    "Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription", "PhotometricInterpretation",
-    "Rows", "Columns", "NumberOfFrames", "BitsStored", "ImageLaterality", "ViewPosition",
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsStored",
+    "ImageLaterality",
+    "ViewPosition",
 )
 _DICOM_PLUGINS = {
     "JPEG Lossless": "pylibjpeg + pylibjpeg-libjpeg (or python-gdcm)",
@@ -65,7 +74,9 @@ def _read_bytes(src) -> bytes:
             raise ImageLoadError(f"{src}: no such file")
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
-            raise ImageLoadError(f"{src}: file is {size / 2**20:.0f} MiB, over the {MAX_IMAGE_BYTES // 2**20} MiB limit")
+            raise ImageLoadError(
+                f"{src}: file is {size / 2**20:.0f} MiB, over the {MAX_IMAGE_BYTES // 2**20} MiB limit"
+            )
         data = path.read_bytes()
     else:  # file-like
         data = src.read(MAX_IMAGE_BYTES + 1)
@@ -131,7 +142,8 @@ def _load_pil(data: bytes, name: str) -> Image.Image:
         ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(
-            f"{name}: over the {MAX_IMAGE_PIXELS:,} pixel limit (possible decompression bomb): {e}") from None
+            f"{name}: over the {MAX_IMAGE_PIXELS:,} pixel limit (possible decompression bomb): {e}"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
     image = ImageOps.exif_transpose(image)
@@ -202,7 +214,10 @@ def _load_dicom(data: bytes, name: str, frame: int | None) -> Image.Image:
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        return _array_to_rgb(to_uint8(apply_color_lut(pixels, ds), 0, 255 if pixels.dtype == np.uint8 else 65535))
+        rgb = apply_color_lut(
+            pixels, ds
+        )  # the LUT entries' depth (8 or 16 bit) sets the range, not the index's
+        return _array_to_rgb(to_uint8(rgb, 0, 255 if rgb.dtype == np.uint8 else 65535))
     values = apply_modality_lut(pixels, ds)  # rescale slope/intercept -> e.g. Hounsfield units
     window = dicom_window(ds)
     if window is not None:  # linear VOI window from the tags: [centre - width/2, centre + width/2] -> 0..255
@@ -300,11 +315,18 @@ def check_example(example: dict) -> None:
 
 
 def render(processor, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-    return processor.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return processor.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def encode(processor, examples: Sequence[dict], add_generation_prompt: bool = True, padding_side: str = "left",
-           images_loaded: bool = False):
+def encode(
+    processor,
+    examples: Sequence[dict],
+    add_generation_prompt: bool = True,
+    padding_side: str = "left",
+    images_loaded: bool = False,
+):
     """Tokenise a batch of {"images": [...], "messages": [...]} examples; images may be paths or PIL images.
 
     Returns the LlavaProcessor BatchFeature (input_ids, attention_mask, pixel_values). Never truncates: image
@@ -382,7 +404,9 @@ class AssistantOnlyCollator:
         for row, ids in enumerate(batch["input_ids"].tolist()):
             for start, end in assistant_spans(ids, self.processor.tokenizer):
                 labels[row, start:end] = batch["input_ids"][row, start:end]
-        labels[batch["attention_mask"] == 0] = -100  # padding (pad id may equal a real token id: use the mask)
+        labels[
+            batch["attention_mask"] == 0
+        ] = -100  # padding (pad id may equal a real token id: use the mask)
         batch["labels"] = labels
         return dict(batch)
 
@@ -403,5 +427,7 @@ def image_token_count(processor) -> int:
     crop = getattr(processor.image_processor, "crop_size", None)
     if getattr(processor.image_processor, "do_center_crop", False) and crop:
         height, width = crop["height"], crop["width"]
-    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+    n = (height // processor.patch_size) * (
+        width // processor.patch_size
+    ) + processor.num_additional_image_tokens
     return n - 1 if processor.vision_feature_select_strategy == "default" else n

@@ -26,15 +26,31 @@ def tiny_model(image_size: int = 28, seed: int = 0, vision_hidden: int = 32, tex
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir())
-    vision = Dinov2Model(Dinov2Config(
-        hidden_size=vision_hidden, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14,
-        image_size=image_size, layerscale_value=1.0,
-    ))
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
+    vision = Dinov2Model(
+        Dinov2Config(
+            hidden_size=vision_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            image_size=image_size,
+            layerscale_value=1.0,
+        )
+    )
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     return build_model(vision=vision, llm=llm, tokenizer=tokenizer, image_size=image_size, seed=seed)
 
 

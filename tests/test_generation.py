@@ -11,8 +11,12 @@ from medllava.processing import user_message
 
 
 def _examples():
-    questions = ["Is there a lesion?", "Which organ is shown in this image, and is it normal?", "Modality?",
-                 "Describe the finding in the upper left quadrant of the image in detail."]
+    questions = [
+        "Is there a lesion?",
+        "Which organ is shown in this image, and is it normal?",
+        "Modality?",
+        "Describe the finding in the upper left quadrant of the image in detail.",
+    ]
     rows = [{"images": [random_image(i)], "messages": [user_message(q)]} for i, q in enumerate(questions)]
     rows.append({"images": [], "messages": [user_message("A text-only question?", 0)]})
     return rows

@@ -9,7 +9,10 @@ from medllava.processing import encode, image_token_count, user_message
 
 
 def _example(text="What is shown?", n_images=1, seed=0):
-    return {"images": [random_image(seed + i) for i in range(n_images)], "messages": [user_message(text, n_images)]}
+    return {
+        "images": [random_image(seed + i) for i in range(n_images)],
+        "messages": [user_message(text, n_images)],
+    }
 
 
 def test_assembly_adds_tokens_and_mean_initialises_them(tiny):
@@ -20,7 +23,7 @@ def test_assembly_adds_tokens_and_mean_initialises_them(tiny):
     assert tok.pad_token_id not in (tok.eos_token_id, image_id)
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == len(tok)
-    old = emb[: image_id]
+    old = emb[:image_id]
     # New rows come from the old rows' distribution: close to their mean, far from zero or a random outlier.
     assert (emb[image_id] - old.mean(0)).norm() < 3 * (old - old.mean(0)).norm(dim=1).mean()
     assert model.lm_head.weight.data_ptr() == emb.data_ptr()  # tied, as in SmolLM2
@@ -28,12 +31,14 @@ def test_assembly_adds_tokens_and_mean_initialises_them(tiny):
 
 def test_chat_template_renders_images_and_medical_system_prompt(tiny):
     _, processor = tiny
-    text = processor.apply_chat_template([user_message("Is there a lesion?")], tokenize=False,
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [user_message("Is there a lesion?")], tokenize=False, add_generation_prompt=True
+    )
     assert "MedLLaVA" in text and "SmolLM" not in text and "not for clinical use" in text
     assert "<|im_start|>user\n<image>\nIs there a lesion?<|im_end|>\n<|im_start|>assistant\n" in text
-    custom = processor.apply_chat_template([{"role": "system", "content": "Be terse."}, user_message("Hi", 0)],
-                                           tokenize=False)
+    custom = processor.apply_chat_template(
+        [{"role": "system", "content": "Be terse."}, user_message("Hi", 0)], tokenize=False
+    )
     assert custom.startswith("<|im_start|>system\nBe terse.<|im_end|>") and "MedLLaVA" not in custom
 
 

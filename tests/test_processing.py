@@ -18,8 +18,10 @@ def dicom_file(name: str) -> Path:
     """A real DICOM test file from pydicom or pydicom-data (both installed by `make setup`)."""
     import importlib.util
 
-    for root in (Path(pydicom.__file__).parent / "data" / "test_files",
-                 Path(importlib.util.find_spec("data_store").origin).parent / "data"):
+    for root in (
+        Path(pydicom.__file__).parent / "data" / "test_files",
+        Path(importlib.util.find_spec("data_store").origin).parent / "data",
+    ):
         if (root / name).is_file():
             return root / name
     raise FileNotFoundError(name)
@@ -73,10 +75,18 @@ def test_bytes_and_file_objects_load(tmp_path):
 # --- DICOM ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, modality", [
-    ("CT_small.dcm", "CT"), ("MR_small.dcm", "MR"), ("US1_UNCR.dcm", "US"), ("JPEG2000_UNC.dcm", "NM"),
-    ("examples_palette.dcm", "US"), ("MR_small_RLE.dcm", "MR"), ("SC_rgb_jpeg_dcmtk.dcm", "OT"),
-])
+@pytest.mark.parametrize(
+    "name, modality",
+    [
+        ("CT_small.dcm", "CT"),
+        ("MR_small.dcm", "MR"),
+        ("US1_UNCR.dcm", "US"),
+        ("JPEG2000_UNC.dcm", "NM"),
+        ("examples_palette.dcm", "US"),
+        ("MR_small_RLE.dcm", "MR"),
+        ("SC_rgb_jpeg_dcmtk.dcm", "OT"),
+    ],
+)
 def test_real_dicom_files_load(name, modality):
     path = dicom_file(name)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -93,8 +103,10 @@ def test_ct_uses_rescale_and_window_from_tags():
     assert float(ds.RescaleIntercept) == -1024
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     centre, width = processing.dicom_window(ds)
-    assert (centre, width) == (float(ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter),
-                               float(ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth))
+    assert (centre, width) == (
+        float(ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter),
+        float(ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth),
+    )
     expected = np.clip((hu - (centre - width / 2)) * 255.0 / width, 0, 255).astype(np.uint8)
     assert np.array_equal(np.asarray(load_image(path))[:, :, 0], expected)
 
@@ -188,7 +200,9 @@ def test_corrupt_truncated_png(tmp_path):
 def test_decompression_bomb(tmp_path, monkeypatch):
     monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 10_000)
     random_image(size=(200, 200)).save(tmp_path / "big.png")
-    with pytest.raises(ImageLoadError, match=r"big.png: .*over the 10,000 pixel limit \(possible decompression"):
+    with pytest.raises(
+        ImageLoadError, match=r"big.png: .*over the 10,000 pixel limit \(possible decompression"
+    ):
         load_image(tmp_path / "big.png")
     random_image(size=(100, 120)).save(tmp_path / "bigger.png")  # between the limit and PIL's own 2x error
     with pytest.raises(ImageLoadError, match=r"bigger.png: .*over the 10,000 pixel limit"):
@@ -212,7 +226,10 @@ def _conversation():
         "id": "c1",
         "images": [random_image()],
         "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What modality is this?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What modality is this?"}],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": "A CT scan."}]},
             {"role": "user", "content": [{"type": "text", "text": "Which side is the lesion on?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "The left side."}]},
@@ -227,7 +244,10 @@ def test_assistant_only_labels_are_exactly_the_assistant_spans(tiny):
     batch = AssistantOnlyCollator(processor)([_conversation(), short])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert labels.shape == ids.shape and mask[1].sum() < mask[0].sum()  # right padded
-    for row, answers in ((0, ["A CT scan.<|im_end|>", "The left side.<|im_end|>"]), (1, ["A CT scan.<|im_end|>"])):
+    for row, answers in (
+        (0, ["A CT scan.<|im_end|>", "The left side.<|im_end|>"]),
+        (1, ["A CT scan.<|im_end|>"]),
+    ):
         kept = labels[row][labels[row] != -100]
         assert tok.decode(kept) == "".join(answers)
         # every unmasked position holds its own token, and no image, user or system token is unmasked
@@ -241,8 +261,9 @@ def test_over_long_samples_are_never_truncated(tiny):
     _, processor = tiny
     with pytest.raises(TooLongError, match="image tokens are never truncated"):
         AssistantOnlyCollator(processor, max_length=20)([_conversation()])
-    collator = AssistantOnlyCollator(processor, max_length=processing.count_tokens(processor, _conversation()),
-                                     drop_long=True)
+    collator = AssistantOnlyCollator(
+        processor, max_length=processing.count_tokens(processor, _conversation()), drop_long=True
+    )
     long = _conversation()
     long["messages"][3]["content"][0]["text"] = "very " * 50 + "long"
     batch = collator([_conversation(), long])
