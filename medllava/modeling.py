@@ -187,7 +187,11 @@ def build_model(
         # A distinct pad token: with pad == eos, anything that masks by pad id also hides every real end of turn.
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"  # generation; the training collator pads right itself
-    llm_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # new rows = mean of the old ones
+    if seed is not None:
+        torch.manual_seed(seed)  # new token rows and the projector are the only freshly initialised parts
+    llm_model.resize_token_embeddings(
+        len(tokenizer), mean_resizing=True
+    )  # new rows ~ the old rows' distribution
     tcfg = llm_model.config
 
     config = LlavaConfig(
@@ -202,8 +206,6 @@ def build_model(
     )
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    if seed is not None:
-        torch.manual_seed(seed)  # the projector is the only freshly initialised part
     model = LlavaForConditionalGeneration(config).to(dtype)
     model.model.vision_tower.load_state_dict(vision_model.state_dict())
     model.model.language_model.load_state_dict(llm_model.get_decoder().state_dict())
@@ -238,33 +240,61 @@ def build_model(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_delta(base_model, trained_model, out_dir: str | Path, atol: float = 0.0) -> list[str]:
-    """Write the tensors of `trained_model` that differ from `base_model` to out_dir/delta.safetensors."""
+def _low_rank(diff: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) with A @ B == diff up to rtol of its largest singular value, if that is smaller than diff itself."""
+    u, sv, vh = torch.linalg.svd(diff.double(), full_matrices=False)
+    rank = int((sv > rtol * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
+    if rank * sum(diff.shape) >= diff.numel() // 2:
+        return None
+    return (u[:, :rank] * sv[:rank]).float().contiguous(), vh[:rank].float().contiguous()
+
+
+def save_delta(base_model, trained_model, out_dir: str | Path, rtol: float = 1e-6) -> dict[str, int]:
+    """Write what `trained_model` changed relative to `base_model` to out_dir/delta.safetensors.
+
+    Changed matrices whose change has low rank (LoRA merges: the sum of each stage's B @ A) are stored as two
+    factors `<name>::A`, `<name>::B`; other changed tensors (the projector) in full. Returns {tensor: stored numel}.
+    """
     from safetensors.torch import save_file
 
     base = base_model.state_dict()
-    delta = {
-        k: v.detach().contiguous().clone()
-        for k, v in trained_model.state_dict().items()
-        if k not in base or v.shape != base[k].shape or (v - base[k]).abs().max() > atol
-    }
+    delta, sizes = {}, {}
+    for name, value in trained_model.state_dict().items():
+        value = value.detach().float()
+        if name in base and value.shape == base[name].shape:
+            diff = value - base[name].float()
+            if not diff.any():
+                continue
+            factors = _low_rank(diff, rtol) if diff.ndim == 2 else None
+            if factors is not None:
+                delta[f"{name}::A"], delta[f"{name}::B"] = factors
+                sizes[name] = factors[0].numel() + factors[1].numel()
+                continue
+        delta[name] = value.contiguous().clone()
+        sizes[name] = value.numel()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(delta, str(out_dir / "delta.safetensors"))
-    return sorted(delta)
+    save_file(delta, str(out_dir / "delta.safetensors"), metadata={"format": "medllava-delta-v1"})
+    return sizes
 
 
 def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path) -> None:
-    """Base checkpoint + delta tensors -> a full plain-HF Llava checkpoint in out_dir."""
+    """Base checkpoint + delta -> a full plain-HF Llava checkpoint in out_dir."""
     from safetensors.torch import load_file
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
     delta = load_file(str(Path(delta_dir) / "delta.safetensors"))
     state = model.state_dict()
-    unknown = [k for k in delta if k not in state]
-    if unknown:
-        raise KeyError(f"delta has tensors the base lacks: {unknown[:5]}")
-    model.load_state_dict(delta, strict=False)
+    full = {}
+    for key, value in delta.items():
+        name, _, part = key.partition("::")
+        if name not in state:
+            raise KeyError(f"delta tensor '{name}' does not exist in the base model at {base_dir}")
+        if part == "A":
+            full[name] = state[name] + delta[f"{name}::A"] @ delta[f"{name}::B"]
+        elif not part:
+            full[name] = value
+    model.load_state_dict(full, strict=False)
     model.save_pretrained(out_dir)
     AutoProcessor.from_pretrained(base_dir).save_pretrained(out_dir)

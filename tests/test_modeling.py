@@ -100,3 +100,27 @@ def test_freeze_for_stage_sets_exactly_the_stage_parts(stage):
 def test_unknown_stage_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="unknown stage 'pretrain'"):
         freeze_for_stage(tiny[0], "pretrain")
+
+
+def test_delta_round_trip_stores_low_rank_changes_compactly(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from medllava.modeling import apply_delta, save_delta
+
+    base, processor = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    trained, _ = tiny_model()
+    with torch.no_grad():
+        q = trained.model.language_model.layers[0].self_attn.q_proj.weight
+        q += torch.randn(q.shape[0], 2) @ torch.randn(2, q.shape[1])  # a rank-2 change, like a merged LoRA
+        trained.model.multi_modal_projector.linear_1.weight.mul_(1.5)  # a full-rank change
+    sizes = save_delta(base, trained, tmp_path / "delta")
+    q_name = next(k for k in sizes if "layers.0.self_attn.q_proj.weight" in k)
+    assert sizes[q_name] == 2 * (q.shape[0] + q.shape[1])  # stored as two rank-2 factors
+    assert any("multi_modal_projector.linear_1.weight" in k for k in sizes)
+    assert len(sizes) == 2
+    apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out")
+    rebuilt = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    for name, value in trained.state_dict().items():
+        assert torch.allclose(rebuilt.state_dict()[name], value, atol=1e-5), name
