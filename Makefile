@@ -24,7 +24,7 @@ ARGS ?=
         train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter
 
 help:
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -1,0 +1,365 @@
+"""medsynth: deterministic, leak-free across splits, balanced, valid schema rows, answers that match the pixels.
+
+Two small builds (--size 0.03, ~60 images each) are made once per module: one in-process, one with 2 workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import medsynth as ms
+from medllava.schema import read_rows, validate_row, vqa_answer, vqa_question
+
+SIZE = "0.03"
+
+
+def _build(out: Path, seed: int, workers: int) -> Path:
+    ms.build(
+        ms.parse_args(["--out", str(out), "--seed", str(seed), "--size", SIZE, "--num-workers", str(workers)])
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("medsynth")
+    return _build(root / "a", 3, 1), _build(root / "b", 3, 2)
+
+
+@pytest.fixture(scope="module")
+def out(built):
+    return built[0]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _instances(out: Path) -> dict[str, dict]:
+    return {i["id"]: i for split in ms.SPLITS for i in read_rows(out / f"instances_{split}.jsonl")}
+
+
+def _rows(out: Path, stage: str, split: str) -> list[dict]:
+    return read_rows(out / f"{stage}_{split}.jsonl")
+
+
+# --- determinism ---------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(built):
+    a, b = built
+    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    assert any(f.endswith(".png") for f in files_a) and "README.md" in files_a
+    different = [f for f in files_a if _digest(a / f) != _digest(b / f)]
+    assert different == []
+
+
+def test_different_seeds_give_different_instances():
+    units, _, _ = ms.catalogue()
+    one, two = (ms.sample_specs(units, "train", 30, seed) for seed in (0, 1))
+    assert [s.seed for s in one] != [s.seed for s in two]
+    assert ms.sample_specs(units, "train", 30, 0) == one
+
+
+def test_existing_build_is_not_overwritten_silently(out):
+    with pytest.raises(SystemExit, match="--overwrite"):
+        ms.build(ms.parse_args(["--out", str(out), "--size", SIZE]))
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        ms.parse_args(["--out", "x", "--size", "0"])
+    with pytest.raises(SystemExit):
+        ms.parse_args(["--out", "x", "--image-size", "64"])
+
+
+# --- splits: no background slice and no instance in two splits --------------------------------------------------------
+
+
+def test_catalogue_assigns_each_slice_to_one_split_with_guards():
+    units, files, _ = ms.catalogue()
+    keys = [u.key for u in units]
+    assert len(keys) == len(set(keys))
+    assert {u.split for u in units} == set(ms.SPLITS)
+    for source in ms.SOURCES:
+        if source.split != "blocks" or source.key not in files:
+            continue
+        split_of = {u.index: u.split for u in units if u.source == source.key}
+        # neighbouring slices (in the source's order) never sit in two different splits
+        for prev, nxt in zip(source.units, source.units[1:], strict=False):
+            if prev in split_of and nxt in split_of:
+                assert split_of[prev] == split_of[nxt], (source.key, prev, nxt)
+
+
+def test_modality_and_region_come_from_tags_where_present():
+    units, _, _ = ms.catalogue()
+    by_source = {u.source: u for u in units}
+    assert by_source["ct-head-lv2"].region == "head"  # BodyPartExamined HEAD
+    assert by_source["ct-abdomen"].region == "abdomen"  # BodyPartExamined PANCREAS
+    assert by_source["xr-leg"].region == "leg"  # StudyDescription "...distal tibia"
+    assert by_source["us-heart-tee"].region == "heart"  # StudyDescription Echocardiogram
+    assert by_source["mr-shoulder"].modality == "MRI"  # Modality MR
+    assert ms.region_from_tags({"BodyPartExamined": "CHEST"}) == "chest"
+    assert ms.region_from_tags({"StudyDescription": "e+1"}) is None
+
+
+def test_sources_are_distinct_images():
+    """Different catalogue entries are not the same picture in another encoding (perceptual hash)."""
+    import imagehash
+
+    units, files, _ = ms.catalogue()
+    first = {}
+    for u in units:
+        first.setdefault(u.source, u)
+    hashes = {
+        key: imagehash.phash(Image.fromarray(ms.load_background((u.source, u.index, str(files[u.source])))))
+        for key, u in first.items()
+    }
+    keys = sorted(hashes)
+    close = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :] if hashes[a] - hashes[b] <= 8]
+    assert close == []
+
+
+def test_no_background_or_instance_in_two_splits(out):
+    instances = _instances(out)
+    units_by_split = defaultdict(set)
+    images_by_split = defaultdict(set)
+    bytes_by_split = defaultdict(set)
+    for inst in instances.values():
+        units_by_split[inst["split"]].add(inst["unit"])
+        images_by_split[inst["split"]].add(inst["image"])
+        bytes_by_split[inst["split"]].add(_digest(out / inst["image"]))
+    for table in (units_by_split, images_by_split, bytes_by_split):
+        for i, a in enumerate(ms.SPLITS):
+            for b in ms.SPLITS[i + 1 :]:
+                assert not table[a] & table[b], (a, b)
+    # every row of a split file uses only images of that split
+    for stage in ms.STAGES:
+        for split in ms.SPLITS:
+            for row in _rows(out, stage, split):
+                inst = instances[row["instance"]]
+                assert inst["split"] == split and row["images"] == [inst["image"]]
+
+
+# --- rows ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_row_is_valid_and_its_image_decodes(out):
+    for stage in ms.STAGES:
+        for split in ms.SPLITS:
+            rows = _rows(out, stage, split)
+            assert rows, (stage, split)
+            ids = [r["id"] for r in rows]
+            assert len(ids) == len(set(ids))
+            for row in rows:
+                assert validate_row(row, image_root=out) == [], row["id"]
+                n_placeholders = sum(
+                    part["type"] == "image"
+                    for m in row.get("messages", row.get("prompt", []))
+                    for part in m["content"]
+                )
+                assert n_placeholders == len(row["images"]) == 1
+
+
+def test_instruct_has_2_to_4_turns_and_vqa_is_single_turn(out):
+    for row in _rows(out, "instruct", "train"):
+        assert 2 <= len(row["messages"]) // 2 <= 4
+    for row in _rows(out, "vqa", "train"):
+        assert len(row["messages"]) == 2
+        assert row["answer_type"] in ("OPEN", "CLOSED") and row["question_type"] and row["modality"]
+
+
+def test_closed_answers_are_balanced_per_question_type(out):
+    for split in ms.SPLITS:
+        counts = Counter(
+            (r["question_type"], vqa_answer(r))
+            for r in _rows(out, "vqa", split)
+            if r["answer_type"] == "CLOSED"
+        )
+        for qtype in {q for q, _ in counts}:
+            yes, no = counts[qtype, "yes"], counts[qtype, "no"]
+            assert abs(yes - no) <= 1, (split, qtype, yes, no)
+    closed = [vqa_answer(r) for r in _rows(out, "vqa", "train") if r["answer_type"] == "CLOSED"]
+    assert set(closed) == {"yes", "no"}
+
+
+def test_grpo_has_lettered_choices(out):
+    rows = _rows(out, "grpo", "train")
+    choice = [r for r in rows if r["answer_type"] == "CHOICE"]
+    assert choice and {r["answer_type"] for r in rows} == {"OPEN", "CLOSED", "CHOICE"}
+    for r in choice:
+        assert r["solution"] in "ABCD"
+        assert f"\n{r['solution']}. " in vqa_question(r)
+
+
+# --- answers agree with the ground truth, re-derived from the saved geometry and pixels ------------------------------
+
+
+def _truth(inst: dict) -> dict:
+    """side/position/count/size from the lesion geometry alone (not from the stored labels)."""
+    half = inst["image_size"] / 2
+    lesions = inst["lesions"]
+    truth = {"count": str(len(lesions)), "modality": inst["modality"].lower(), "region": inst["region"]}
+    if lesions:
+        sides = {"left" if les["cx"] < half else "right" for les in lesions}
+        positions = {"upper" if les["cy"] < half else "lower" for les in lesions}
+        sizes = {
+            "large" if les["rx"] >= ms.LARGE_RADIUS[0] * inst["image_size"] - 1e-6 else "small"
+            for les in lesions
+        }
+        assert len(sides) == len(positions) == len(sizes) == 1  # one quadrant, one size per image
+        truth.update(side=sides.pop(), position=positions.pop(), size=sizes.pop())
+        truth["quadrant"] = f"{truth['position']} {truth['side']}"
+        truth["contrast"] = {"bright": "brighter", "dark": "darker"}[inst["contrast"]]
+    return truth
+
+
+def _expected_closed(question: str, qtype: str, t: dict) -> str:
+    q = question.lower()
+    if qtype == "PRES":
+        yes = t["count"] != "0"
+    elif qtype == "COUNT":
+        if "more than one" in q:
+            yes = int(t["count"]) > 1
+        else:
+            word = re.search(r"exactly (\w+)", q).group(1)
+            yes = ms.COUNT_WORDS[int(t["count"])] == word
+    elif qtype == "POS":
+        asked = next(w for w in ("left", "right", "upper", "lower") if re.search(rf"\b{w}\b", q))
+        yes = asked in (t["side"], t["position"])
+    elif qtype == "SIZE":
+        yes = ("large" if "large" in q else "small") == t["size"]
+    elif qtype == "ATTRIB":
+        yes = ("brighter" if "brighter" in q else "darker") == t["contrast"]
+    elif qtype == "MODALITY":
+        asked = [m for m, phrases in ms.MODALITY_ASKED.items() if any(p.lower() in q for p in phrases)]
+        assert len(asked) == 1, question
+        yes = asked[0].lower() == t["modality"]
+    elif qtype == "ORGAN":
+        asked = [r for r, phrase in ms.REGION_PHRASE.items() if phrase.lower() in q]
+        assert len(asked) == 1, question
+        yes = asked[0] == t["region"]
+    else:
+        raise AssertionError(qtype)
+    return "yes" if yes else "no"
+
+
+def _expected_open(question: str, qtype: str, t: dict) -> str:
+    q = question.lower()
+    if qtype == "POS":
+        if "left or the right" in q or "which side" in q:
+            return t["side"]
+        if "upper or" in q or "upper or lower" in q:
+            return t["position"]
+        return t["quadrant"]
+    return {
+        "MODALITY": t.get("modality"),
+        "ORGAN": t.get("region"),
+        "COUNT": t.get("count"),
+        "SIZE": t.get("size"),
+        "ATTRIB": t.get("contrast"),
+    }[qtype]
+
+
+def test_vqa_and_grpo_answers_match_the_geometry(out):
+    instances = _instances(out)
+    checked = Counter()
+    for split in ms.SPLITS:
+        for stage in ("vqa", "grpo"):
+            for row in _rows(out, stage, split):
+                t = _truth(instances[row["instance"]])
+                question, answer, qtype = vqa_question(row), vqa_answer(row), row["question_type"]
+                if row["answer_type"] == "CLOSED":
+                    assert answer == _expected_closed(question, qtype, t), (row["id"], question, answer)
+                elif row["answer_type"] == "OPEN":
+                    assert answer == _expected_open(question, qtype, t), (row["id"], question, answer)
+                else:
+                    option = re.search(rf"^{answer}\. (.+)$", question, re.MULTILINE).group(1)
+                    key = {"MODALITY": "modality", "ORGAN": "region", "COUNT": "count", "POS": "quadrant"}[
+                        qtype
+                    ]
+                    assert option == t[key], (row["id"], question, answer)
+                checked[row["answer_type"]] += 1
+    assert checked["CLOSED"] and checked["OPEN"] and checked["CHOICE"]
+
+
+def test_captions_and_conversations_state_the_ground_truth(out):
+    instances = _instances(out)
+    for row in _rows(out, "captions", "train") + _rows(out, "instruct", "train"):
+        t = _truth(instances[row["instance"]])
+        text = " ".join(
+            p["text"] for m in row["messages"] if m["role"] == "assistant" for p in m["content"]
+        ).lower()
+        assert ms.MODALITY_PHRASE[instances[row["instance"]]["modality"]].lower() in text or row[
+            "id"
+        ].startswith("medsynth-ins")
+        if t["count"] == "0":
+            assert re.search(r"\b(no|none|without)\b", text), text
+        else:
+            for word in ("left", "right", "upper", "lower"):
+                if re.search(rf"\b{word}\b", text):
+                    assert word in (t["side"], t["position"]), (row["id"], text)
+
+
+def _difference(inst: dict, out: Path, library: dict, side: int) -> np.ndarray:
+    """|saved image - its background re-rendered from the stored augmentation|, grey, at `side` px."""
+    background = ms.apply_augment(library[inst["unit"]], inst["image_size"], inst["augment"])
+    clean = ms._to_image(background).convert("L").resize((side, side), Image.BILINEAR)
+    saved = Image.open(out / inst["image"]).convert("L").resize((side, side), Image.BILINEAR)
+    return np.abs(np.asarray(saved, np.float32) - np.asarray(clean, np.float32))
+
+
+def test_pixels_show_the_labelled_lesions_at_112px(out):
+    """Re-render each background from its stored augmentation: the pixels changed are exactly the stored
+    lesions, every blob of change lies in the labelled quadrant, each lesion shows, and each keeps its
+    contrast after resizing to 112 px."""
+    from scipy import ndimage
+
+    instances = list(_instances(out).values())
+    units, files, _ = ms.catalogue()
+    used = {u.key: u for u in units if u.key in {i["unit"] for i in instances}}
+    library = {k: ms.load_background((u.source, u.index, str(files[u.source]))) for k, u in used.items()}
+    with_lesions = 0
+    for inst in instances:
+        size = inst["image_size"]
+        diff = _difference(inst, out, library, size)
+        ellipses = [(les["cx"], les["cy"], les["rx"], les["ry"], les["angle"]) for les in inst["lesions"]]
+        assert len(ellipses) == inst["count"]
+        inside = [ms._ellipse_distance(diff.shape, *e) < 1.0 for e in ellipses]
+        union = np.any(inside, axis=0) if inside else np.zeros(diff.shape, bool)
+        assert diff[~union].max(initial=0.0) <= 1.0, inst["id"]  # nothing changed outside the lesions
+        if not ellipses:
+            continue
+        with_lesions += 1
+        labels, n = ndimage.label(diff > 12, structure=np.ones((3, 3)))
+        hit = set()
+        for cy, cx in ndimage.center_of_mass(diff > 12, labels, range(1, n + 1)):
+            assert ("left" if cx < size / 2 else "right") == inst["side"], inst["id"]
+            assert ("upper" if cy < size / 2 else "lower") == inst["position"], inst["id"]
+            hit |= {k for k, mask in enumerate(inside) if mask[int(cy), int(cx)]}
+        assert len(hit) == inst["count"], (inst["id"], n, inst["count"])  # every lesion shows as change
+        saved = Image.open(out / inst["image"])
+        assert min(ms.measured_contrasts(saved, ellipses, size, 112)) >= ms.MIN_CONTRAST, inst["id"]
+        small = _difference(inst, out, library, 112)
+        for e in ellipses:
+            core = ms._ellipse_distance(small.shape, *e[:2], *e[2:4], e[4], scale=112 / size) < 0.5
+            assert small[core].max() >= 20, inst["id"]
+    assert with_lesions
+
+
+def test_readme_reports_the_counts(out):
+    text = (out / "README.md").read_text()
+    for stage in ms.STAGES:
+        assert f"{stage}_<split>.jsonl" in text
+    n_train = len(_rows(out, "vqa", "train"))
+    assert re.search(rf"\| vqa_<split>\.jsonl\s*\| {n_train}\s*\|", text)
+    assert "CLOSED answers (yes / no)" in text and "Question text alone" in text
