@@ -17,9 +17,11 @@ value. Placement happens after flipping, so the recorded sides are those of the 
 Output, per split (train/val/test): DIR/captions_<split>.jsonl (stage 1), DIR/instruct_<split>.jsonl (stage 2,
 2-4 turns), DIR/vqa_<split>.jsonl (stage 3: CLOSED yes/no balanced per question type, OPEN short canonical
 answers), DIR/grpo_<split>.jsonl (prompt rows with a verifiable `solution`, incl. lettered CHOICE questions),
-DIR/instances_<split>.jsonl (the ground truth of every image: source, crop, flips, lesion geometry), images as
-PNG under DIR/images/ and DIR/README.md with the counts. A background slice (source file + frame/slice) belongs
-to exactly one split; the same seed gives byte-identical files whatever --num-workers is.
+DIR/instances_<split>.jsonl (the ground truth of every image: source, area, crop, flips, lesion geometry), images
+as PNG under DIR/images/ and DIR/README.md with the counts. A background unit (source file + frame/slice + area
+of the picture) belongs to exactly one split: volumes and clips are shared out by slices or frames, and a file that
+is the only one of its kind is cut into regions that do not overlap (a gap is left out between them), so every
+modality is in train, val and test. The same seed gives byte-identical files whatever --num-workers is.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ SOURCE_NAME = "medsynth"
 SPLITS = ("train", "val", "test")
 STAGES = ("captions", "instruct", "vqa", "grpo")
 # Default sizes, fitted to a ~60-minute CPU curriculum at 112 px (shared/PERFORMANCE.md: ~1.5-2k samples/stage).
-DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 220}
+# Test: 40 images per modality and enough VQA rows (with more modality questions, see TEST_SHARES) for >= 20
+# modality questions per modality.
+DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 280}
 DEFAULT_ROWS = {
     "captions": {"train": 1500, "val": 100, "test": 150},
     "instruct": {"train": 1000, "val": 100, "test": 150},
-    "vqa": {"train": 2000, "val": 300, "test": 400},
+    "vqa": {"train": 2000, "val": 300, "test": 600},
     "grpo": {"train": 600, "val": 100, "test": 200},
 }
 
@@ -139,8 +143,9 @@ PACKAGE_DIRS = {  # package -> (importable module, data folder inside it); locat
 
 @dataclass(frozen=True)
 class Source:
-    """One real image file. `split` is "train"/"val"/"test" for a single-slice file, or "blocks" to share the
-    file's frames/slices between splits in contiguous blocks (one guard unit dropped at each split change)."""
+    """One real image file. `split` is "train"/"val"/"test" for a single-slice file held out whole, "blocks" to
+    share the file's frames/slices between splits in contiguous blocks (one guard unit dropped at each split
+    change), or "regions" to cut its imaging area into the non-overlapping `regions`, one split each."""
 
     key: str
     package: str
@@ -152,7 +157,41 @@ class Source:
     roi: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # imaging area (fractions), text bands out
     flip_lr: bool = False  # left-right flip anatomically harmless (no situs, text or side marker)
     flip_ud: bool = False
+    regions: tuple = ()  # ((split, (x0, y0, x1, y1) as fractions of the roi), ...) for split == "regions"
     note: str = ""
+
+
+REGION_GAP = 0.04  # of the imaging area's side, left out between two regions (the guard slice of a picture)
+
+
+def bands(axis: str, splits: Sequence[str]) -> tuple:
+    """Equal bands side by side (axis "x") or stacked (axis "y"), one split each; neighbouring bands of the same
+    split are merged and REGION_GAP is left out between two regions."""
+    n, regions, start = len(splits), [], 0
+    for end in range(1, n + 1):
+        if end < n and splits[end] == splits[start]:
+            continue
+        lo = start / n + (REGION_GAP / 2 if start else 0.0)
+        hi = end / n - (REGION_GAP / 2 if end < n else 0.0)
+        regions.append((splits[start], (lo, 0.0, hi, 1.0) if axis == "x" else (0.0, lo, 1.0, hi)))
+        start = end
+    return tuple(regions)
+
+
+def half_and_quarters(train_half: str) -> tuple:
+    """Train: one half ("left", "right", "top" or "bottom") of the imaging area; val and test: the two quarters
+    of the other half. All three have the same shorter side, so a crop of 0.7-1 of it zooms alike in every split."""
+    a, b = 0.5 - REGION_GAP / 2, 0.5 + REGION_GAP / 2
+    left = (("train", (0.0, 0.0, a, 1.0)), ("val", (b, 0.0, 1.0, a)), ("test", (b, b, 1.0, 1.0)))
+    layouts = {
+        "left": left,
+        "right": tuple((split, (1 - x1, y0, 1 - x0, y1)) for split, (x0, y0, x1, y1) in left),
+        "top": tuple((split, (y0, x0, y1, x1)) for split, (x0, y0, x1, y1) in left),  # transposed
+        "bottom": tuple((split, (y0, 1 - x1, y1, 1 - x0)) for split, (x0, y0, x1, y1) in left),
+    }
+    if train_half not in layouts:
+        raise ValueError(f"train_half must be one of {sorted(layouts)}, not {train_half!r}")
+    return layouts[train_half]
 
 
 # Encodings of the same picture are listed once (693_UNCR, not 693_UNCI/693_J2KI/693_J2KR; US1_UNCR, not
@@ -161,52 +200,91 @@ class Source:
 # X-ray), MR-SIEMENS-DICOM-WithOverlays/examples_overlay (liver MRI) and microaneurysms.png (fundus) show real
 # round lesions or dots that would contradict the synthetic lesion labels; OBXXXX1A/examples_palette are nearly
 # empty; eCT_Supplemental is a perfusion map; MR_small's region is unknown; the 16x16 dicomdir thumbnails and the
-# test patterns are not images.
+# test patterns are not images. A file that is the only one of its modality (X-ray, nuclear medicine, fundus,
+# histology), or that alone gives a modality its body region in val/test, is cut into regions; the small ones
+# (CT_small, 128 px; the ALOKA pelvis panel) stay whole in train, the second head CT and the TEE clip are held
+# out whole.
 # fmt: off
 SOURCES = (
-    Source("ct-head-693", "pydicom-data", "693_UNCR.dcm", "CT", "head", "train", flip_lr=True,
+    Source("ct-head-693", "pydicom-data", "693_UNCR.dcm", "CT", "head", "regions", flip_lr=True,
+           regions=half_and_quarters("left"),
            note="axial head CT; tags name no region; shows real subdural collections (not a focal lesion)"),
     Source("ct-head-lv2", "pydicom", "J2K_pixelrep_mismatch.dcm", "CT", None, "test", flip_lr=True),
     Source("ct-spine", "pydicom", "CT_small.dcm", "CT", "spine", "train", flip_lr=True,
            note="axial CT through a thoracic vertebra; tags name no region"),
-    Source("ct-abdomen", "pydicom-data", "explicit_VR-UN.dcm", "CT", None, "train"),
+    Source("ct-abdomen", "pydicom-data", "explicit_VR-UN.dcm", "CT", None, "regions",
+           regions=half_and_quarters("left")),
     Source("mr-brain-mni", "nilearn", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "MRI", "head", "blocks",
            units=tuple(range(40, 152, 3)), flip_lr=True, note="MNI ICBM152 T1 template, axial slices"),
     Source("mr-brain-epi", "nibabel", "example4d.nii.gz", "MRI", "head", "blocks", units=tuple(range(3, 21)),
            flip_lr=True, note="EPI brain volume, axial slices"),
     Source("mr-head-emri", "pydicom-data", "emri_small.dcm", "MRI", None, "blocks", units=tuple(range(10))),
-    Source("mr-shoulder", "pydicom-data", "MR2_UNCR.dcm", "MRI", None, "train", flip_lr=True),
-    Source("xr-leg", "pydicom-data", "RG3_UNCR.dcm", "X-ray", None, "train", roi=(0.0, 0.0, 1.0, 0.55),
-           flip_lr=True, note="mid-shaft only: the distal tibia (a real fibroma) and the side marker are cut off"),
-    Source("us-lymph-node", "pydicom-data", "US1_UNCR.dcm", "ultrasound", "lymph node", "train",
-           roi=(0.05, 0.24, 0.94, 0.69), note="region from the burned-in label; text bands cut off"),
+    Source("mr-shoulder", "pydicom-data", "MR2_UNCR.dcm", "MRI", None, "regions", roi=(0.1, 0.1, 1.0, 0.9),
+           flip_lr=True, regions=half_and_quarters("right"),
+           note="black margins cut off; val and test: the humeral head and shaft quarters"),
+    Source("xr-leg", "pydicom-data", "RG3_UNCR.dcm", "X-ray", None, "regions", roi=(0.26, 0.0, 0.72, 0.55),
+           flip_lr=True, regions=half_and_quarters("top"),
+           note="exposed strip, mid-shaft only: the distal tibia (a real fibroma), the side marker and the blank "
+                "collimated margins are cut off"),
+    Source("us-lymph-node", "pydicom-data", "US1_UNCR.dcm", "ultrasound", "lymph node", "regions",
+           roi=(0.05, 0.24, 0.94, 0.69), regions=bands("x", ("train", "val", "test")),
+           note="region from the burned-in label; text bands cut off"),
     Source("us-heart-echo", "pydicom", "examples_ybr_color.dcm", "ultrasound", "heart", "blocks",
            units=tuple(range(30)), roi=(0.2, 0.06, 0.88, 0.86), note="apical four-chamber echo clip"),
     Source("us-heart-tee", "pydicom-data", "color-px.dcm", "ultrasound", None, "val", roi=(0.05, 0.0, 0.95, 1.0)),
     Source("us-pelvis", "pydicom-data", "gdcm-US-ALOKA-16.dcm", "ultrasound", "pelvis", "train",
            roi=(0.06, 0.2, 0.52, 0.86), note="region from the burned-in label; left panel only"),
-    Source("nm-bone-scan", "pydicom-data", "JPEG2000_UNC.dcm", "nuclear medicine", None, "train", flip_lr=True),
-    Source("fundus-retina", "scikit-image", "retina.jpg", "fundus photograph", "eye", "train", flip_lr=True),
-    Source("histology-ihc", "scikit-image", "ihc.png", "histology", "colon", "train", flip_lr=True, flip_ud=True,
-           note="IHC-stained colonic glands"),
+    Source("nm-bone-scan", "pydicom-data", "JPEG2000_UNC.dcm", "nuclear medicine", None, "regions",
+           roi=(0.0, 0.08, 1.0, 0.9), flip_lr=True, regions=bands("y", ("train", "test", "train", "val")),
+           note="whole-body scan, empty ends cut off; head-chest and thighs train, abdomen-pelvis test, legs val"),
+    Source("fundus-retina", "scikit-image", "retina.jpg", "fundus photograph", "eye", "regions", flip_lr=True,
+           regions=half_and_quarters("left")),
+    Source("histology-ihc", "scikit-image", "ihc.png", "histology", "colon", "regions", flip_lr=True,
+           flip_ud=True, regions=half_and_quarters("left"), note="IHC-stained colonic glands"),
 )
 # fmt: on
 BLOCK_PATTERN = ("train", "train", "test", "train", "val", "train", "train", "test", "train", "train")
 
 
+WHOLE = (0.0, 0.0, 1.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Unit:
-    """A background slice: one frame/slice of one source file. It belongs to exactly one split."""
+    """A background: one frame/slice of one source file, or one region of it. It belongs to exactly one split."""
 
     source: str
     index: int | None
     split: str
     modality: str
-    region: str
+    region: str  # body region
+    box: tuple[float, float, float, float] = WHOLE  # area used, fractions of the file's picture
+    part: int | None = None  # which of the source's regions
 
     @property
     def key(self) -> str:
-        return self.source if self.index is None else f"{self.source}#{self.index}"
+        key = self.source if self.index is None else f"{self.source}#{self.index}"
+        return key if self.part is None else f"{key}@{self.part}"
+
+
+def region_box(roi: Sequence[float], box: Sequence[float]) -> tuple[float, float, float, float]:
+    """A box given as fractions of the roi, as fractions of the whole picture (rounded: stored in the output)."""
+    x0, y0, x1, y1 = roi
+    return tuple(
+        round(v, 6)
+        for v in (
+            x0 + box[0] * (x1 - x0),
+            y0 + box[1] * (y1 - y0),
+            x0 + box[2] * (x1 - x0),
+            y0 + box[3] * (y1 - y0),
+        )
+    )
+
+
+def pixel_box(box: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box of fractions as (left, top, right, bottom) pixels of a picture of `size` (width, height)."""
+    w, h = size
+    return round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
 
 
 def package_file(package: str, relpath: str) -> Path | None:
@@ -278,10 +356,25 @@ def catalogue(sources: Sequence[Source] = SOURCES) -> tuple[list[Unit], dict[str
             if guards:
                 notes.append(f"{source.key}: {guards} guard slice(s) between splits left out")
             units += [
-                Unit(source.key, i, assigned[i], modality, region) for i in source.units if i in assigned
+                Unit(source.key, i, assigned[i], modality, region, source.roi)
+                for i in source.units
+                if i in assigned
+            ]
+        elif source.split == "regions":
+            if {split for split, _ in source.regions} != set(SPLITS):
+                raise ValueError(f"{source.key}: regions must give every split one, got {source.regions}")
+            notes.append(
+                f"{source.key}: cut into {len(source.regions)} regions "
+                f"({', '.join(split for split, _ in source.regions)}), {REGION_GAP:.0%} of the side left out "
+                "between them"
+            )
+            units += [
+                Unit(source.key, i, split, modality, region, region_box(source.roi, box), part)
+                for part, (split, box) in enumerate(source.regions)
+                for i in source.units
             ]
         else:
-            units += [Unit(source.key, i, source.split, modality, region) for i in source.units]
+            units += [Unit(source.key, i, source.split, modality, region, source.roi) for i in source.units]
     return units, files, notes
 
 
@@ -294,17 +387,15 @@ SOURCE_BY_KEY = {s.key: s for s in SOURCES}
 BACKGROUND_SIDE = 448  # shorter side kept in memory: 2x headroom over the 224 px working size
 
 
-def load_background(job: tuple[str, int | None, str]) -> np.ndarray:
-    """uint8 (H, W) for grey images, (H, W, 3) for colour ones."""
-    source_key, index, path = job
-    source = SOURCE_BY_KEY[source_key]
+def load_background(job: tuple[Unit, str]) -> np.ndarray:
+    """uint8 (H, W) for grey images, (H, W, 3) for colour ones: the unit's area of its file, nothing outside it
+    (cut before resizing, so no resampling reaches across a region's edge)."""
+    unit, path = job
     if path.endswith((".nii", ".nii.gz")):
-        image = load_image(path, slice_index=index)
+        image = load_image(path, slice_index=unit.index)
     else:
-        image = load_image(path, frame=index)
-    w, h = image.size
-    x0, y0, x1, y1 = source.roi
-    image = image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+        image = load_image(path, frame=unit.index)
+    image = image.crop(pixel_box(unit.box, image.size))
     scale = BACKGROUND_SIDE / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
@@ -327,6 +418,7 @@ class Spec:
     source: str
     modality: str
     region: str
+    area: tuple  # Unit.box
     seed: int
     count: int
     side: str
@@ -355,10 +447,11 @@ class Instance:
     unit: str
     source: str
     file: str
+    area: list  # [x0, y0, x1, y1]: the part of the file's picture used as background, fractions of its size
     modality: str
     region: str
     image_size: int
-    augment: dict  # crop [x0, y0, side] in background pixels, flip_lr, flip_ud, gamma, gain, shift
+    augment: dict  # crop [x0, y0, side] in background (area) pixels, flip_lr, flip_ud, gamma, gain, shift
     count: int
     side: str | None
     position: str | None
@@ -368,7 +461,7 @@ class Instance:
 
 
 def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[Spec]:
-    """Modalities balanced (shuffled round robin), then a source and one of its slices uniformly."""
+    """Modalities balanced (shuffled round robin), then a source and one of its units uniformly."""
     rng = np.random.default_rng([seed, SPLITS.index(split), 1])
     by_modality: dict[str, dict[str, list[Unit]]] = defaultdict(lambda: defaultdict(list))
     for unit in units:
@@ -376,7 +469,7 @@ def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[S
             by_modality[unit.modality][unit.source].append(unit)
     modalities = sorted(by_modality)
     if not modalities:
-        raise ValueError(f"no background slice is assigned to split {split!r}")
+        raise ValueError(f"no background unit is assigned to split {split!r}")
     specs, cycle = [], []
     for i in range(n):
         if not cycle:
@@ -393,6 +486,7 @@ def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[S
                 source=unit.source,
                 modality=unit.modality,
                 region=unit.region,
+                area=unit.box,
                 seed=int(rng.integers(2**63)),
                 count=int(rng.choice(4, p=(0.4, 0.2, 0.2, 0.2))),
                 side=("left", "right")[rng.integers(2)],
@@ -419,12 +513,13 @@ BRIGHT_TARGET, DARK_TARGET = 245.0, 12.0
 
 def sample_augment(background: np.ndarray, source: Source, rng: np.random.Generator) -> dict:
     """Square crop (zoom 0.7-1 of the shorter side), flips where allowed, gamma/gain/shift intensity jitter.
-    Rounded here, so the values stored in instances_<split>.jsonl reproduce the picture exactly."""
+    Rounded here (the crop down to 1/100 px, so it stays inside the background, i.e. inside the unit's area),
+    so the values stored in instances_<split>.jsonl reproduce the picture exactly."""
     h, w = background.shape[:2]
     side = rng.uniform(0.7, 1.0) * min(h, w)
     x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
     return dict(
-        crop=[round(float(v), 2) for v in (x0, y0, side)],
+        crop=[math.floor(float(v) * 100) / 100 for v in (x0, y0, side)],
         flip_lr=bool(source.flip_lr and rng.random() < 0.5),
         flip_ud=bool(source.flip_ud and rng.random() < 0.5),
         gamma=round(math.exp(rng.uniform(-0.25, 0.25)), 4),
@@ -597,6 +692,7 @@ def _render_job(job: tuple[Spec, str, int, str]) -> dict:
         unit=spec.unit,
         source=spec.source,
         file=file_label,
+        area=list(spec.area),
         modality=spec.modality,
         region=spec.region,
         image_size=size,
@@ -902,6 +998,16 @@ VQA_QUESTIONS = (
     (q_size_closed, True, 0.05),
     (q_contrast_closed, True, 0.05),
 )
+# The held-out test split asks more modality questions (~26% of its rows instead of 16%), so that each of the 7
+# modalities gets >= 20 of them and the per-modality accuracy means something.
+TEST_SHARES = {q_modality_open: 0.15, q_modality_closed: 0.15}
+
+
+def vqa_table(split: str) -> tuple:
+    """VQA_QUESTIONS with the split's shares."""
+    if split != "test":
+        return VQA_QUESTIONS
+    return tuple((gen, needs, TEST_SHARES.get(gen, share)) for gen, needs, share in VQA_QUESTIONS)
 
 
 def vqa_candidates(instances: Sequence[dict], generator, needs_lesion: bool, vocab, rnd) -> list[dict]:
@@ -923,17 +1029,21 @@ def vqa_candidates(instances: Sequence[dict], generator, needs_lesion: bool, voc
     return out
 
 
+def _modality(candidate: dict) -> str:
+    return candidate["instance"]["modality"]
+
+
 def balanced_pick(
-    candidates: list[dict], n: int, rnd: random.Random, key=lambda c: c["answer"]
+    candidates: list[dict], n: int, rnd: random.Random, key=lambda c: c["answer"], spread=_modality
 ) -> list[dict]:
     """n candidates, answers as even as possible (round robin over answer groups), at most one per instance
-    while unused instances remain."""
+    while unused instances remain, and within an answer the `spread` values (modalities) as even as possible."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for c in candidates:
         groups[key(c)].append(c)
     for g in groups.values():
         rnd.shuffle(g)
-    picked, used = [], set()
+    picked, used, spread_count = [], set(), Counter()
     answers = sorted(groups)
     while len(picked) < n and any(groups.values()):
         order = answers[:]
@@ -942,9 +1052,13 @@ def balanced_pick(
             group = groups[answer]
             if not group or len(picked) >= n:
                 continue
-            i = next((k for k, c in enumerate(group) if c["instance"]["id"] not in used), 0)
+            i = min(
+                range(len(group)),
+                key=lambda k: (group[k]["instance"]["id"] in used, spread_count[answer, spread(group[k])]),
+            )
             choice = group.pop(i)
             used.add(choice["instance"]["id"])
+            spread_count[answer, spread(choice)] += 1
             picked.append(choice)
     return picked
 
@@ -1257,14 +1371,15 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
         "lesions are synthetic and are the only findings labelled. Some backgrounds carry real, unlabelled "
         "abnormality (the 693 head CT shows subdural collections). Left/right always means the left/right of the "
         "IMAGE as displayed (the viewer's left), not the patient's side. `instances_<split>.jsonl` holds the "
-        "ground truth of every image (source slice; augmentation: crop, flips, intensity jitter; each lesion's "
-        "centre and radii in pixels).",
+        "ground truth of every image (source slice and area; augmentation: crop, flips, intensity jitter; each "
+        "lesion's centre and radii in pixels). A background unit (a slice or frame of a file, or a region of its "
+        "picture) belongs to one split; regions of one file do not overlap and are separated by a gap.",
         "",
         "## Rows per split",
         "",
     ]
     lines.append(rows_table(rows, instances))
-    lines += ["", "## Images per modality and split (background slices in brackets)", ""]
+    lines += ["", "## Images per modality and split (background units in brackets)", ""]
     unit_count = Counter((u.split, u.modality) for u in units)
     modalities = sorted({inst["modality"] for s in SPLITS for inst in instances[s]})
     lines.append(
@@ -1286,7 +1401,7 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
     per_source = Counter((u.source, u.split) for u in units)
     lines.append(
         format_table(
-            ["source", "file", "modality", "region", *(f"{s} slices" for s in SPLITS)],
+            ["source", "file", "modality", "region", *(f"{s} units" for s in SPLITS)],
             [
                 [
                     s.key,
@@ -1324,6 +1439,22 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
                     ),
                 ]
                 for q in qtypes
+            ],
+        )
+    )
+    lines += ["", "## MODALITY questions per modality (OPEN + CLOSED)", ""]
+    lines.append(
+        format_table(
+            ["modality", *SPLITS],
+            [
+                [
+                    m,
+                    *(
+                        sum(r["question_type"] == "MODALITY" and r["modality"] == m for r in rows["vqa"][s])
+                        for s in SPLITS
+                    ),
+                ]
+                for m in modalities
             ],
         )
     )
@@ -1456,11 +1587,11 @@ def build(args) -> dict:
     used = [
         u for u in units if u.key in {spec.unit for spec in specs}
     ]  # a small build loads only what it uses
-    jobs = [(u.source, u.index, str(files[u.source])) for u in used]
+    jobs = [(u, str(files[u.source])) for u in used]
     arrays = _pool_map(load_background, jobs, args.num_workers, "loading backgrounds")
     library = {u.key: a for u, a in zip(used, arrays, strict=True)}
     print(
-        f"{len(used)} of {len(units)} background slices loaded from {len(files)} files "
+        f"{len(used)} of {len(units)} background units loaded from {len(files)} files "
         f"in {time.perf_counter() - t0:.1f} s"
     )
     labels = {key: f"{SOURCE_BY_KEY[key].package}/{SOURCE_BY_KEY[key].relpath}" for key in files}
@@ -1475,7 +1606,7 @@ def build(args) -> dict:
         rnd = lambda stage, s=split: random.Random(f"{args.seed}/{s}/{stage}")  # noqa: E731 - one stream per file
         rows["captions"][split] = caption_rows(insts, n["captions"], split, rnd("captions"))
         rows["instruct"][split] = instruct_rows(insts, n["instruct"], split, rnd("instruct"))
-        rows["vqa"][split] = vqa_rows(select_vqa(insts, n["vqa"], rnd("vqa")), split)
+        rows["vqa"][split] = vqa_rows(select_vqa(insts, n["vqa"], rnd("vqa"), vqa_table(split)), split)
         rows["grpo"][split] = grpo_rows(select_grpo(insts, n["grpo"], rnd("grpo")), split)
         write_jsonl(out / f"instances_{split}.jsonl", insts)
         for stage in STAGES:
@@ -1503,7 +1634,7 @@ def parse_args(argv=None):
         "--size",
         type=float,
         default=1.0,
-        help="multiplier on the default counts (1.0: ~1,900 images, 2,000 train VQA rows)",
+        help="multiplier on the default counts (1.0: ~1,940 images, 2,000 train VQA rows)",
     )
     parser.add_argument(
         "--image-size", type=int, default=224, help="side of the saved square PNGs (default 224)"

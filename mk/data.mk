@@ -1,5 +1,5 @@
 # Data targets (data_pipelines/). Variables are target-specific so they do not clash with other parts' mk files:
-#   make data                                  # data/medsynth, seed 0, default size (~1,900 images)
+#   make data                                  # data/medsynth, seed 0, default size (~1,940 images)
 #   make data DATA_OUT=/tmp/ms SEED=1 DATA_ARGS='--size 0.1'
 .PHONY: data
 

@@ -1,4 +1,5 @@
-"""medsynth: deterministic, leak-free across splits, balanced, valid schema rows, answers that match the pixels.
+"""medsynth: deterministic, leak-free across splits (no shared slice, no overlapping region), every modality in
+every split, balanced, valid schema rows, answers that match the pixels.
 
 Two small builds (--size 0.03, ~60 images each) are made once per module: one in-process, one with 2 workers.
 """
@@ -100,6 +101,77 @@ def test_catalogue_assigns_each_slice_to_one_split_with_guards():
                 assert split_of[prev] == split_of[nxt], (source.key, prev, nxt)
 
 
+def test_regions_of_different_splits_do_not_overlap_in_source_pixels():
+    """A cut file: its regions of different splits, in the file's own pixels, are disjoint with a gap of at least
+    2% of the imaging area's shorter side between them; each one lies inside the file's imaging area (roi)."""
+    from medllava.processing import load_image
+
+    units, files, _ = ms.catalogue()
+    cut = [s for s in ms.SOURCES if s.split == "regions" and s.key in files]
+    assert {s.modality for s in cut} >= {"X-ray", "nuclear medicine", "fundus photograph", "histology"}
+    for source in cut:
+        size = load_image(files[source.key]).size  # (width, height) of the file's picture
+        roi = ms.pixel_box(source.roi, size)
+        boxes = {u.key: (u.split, ms.pixel_box(u.box, size)) for u in units if u.source == source.key}
+        assert {split for split, _ in boxes.values()} == set(ms.SPLITS), source.key
+        for split, (x0, y0, x1, y1) in boxes.values():
+            assert roi[0] <= x0 < x1 <= roi[2] and roi[1] <= y0 < y1 <= roi[3], (source.key, split)
+        gap = max(4.0, 0.02 * min(roi[2] - roi[0], roi[3] - roi[1]))
+        items = sorted(boxes.values())
+        for i, (split_a, a) in enumerate(items):
+            for split_b, b in items[i + 1 :]:
+                if split_a == split_b:
+                    continue
+                dx = max(b[0] - a[2], a[0] - b[2])  # > 0: apart along x (pixels between them)
+                dy = max(b[1] - a[3], a[1] - b[3])
+                assert max(dx, dy) >= gap, (source.key, split_a, a, split_b, b)
+        # the background of a region is cut from exactly its box, nothing around it
+        for unit in (u for u in units if u.source == source.key):
+            background = ms.load_background((unit, str(files[source.key])))
+            x0, y0, x1, y1 = ms.pixel_box(unit.box, size)
+            scale = max(1.0, min(x1 - x0, y1 - y0) / ms.BACKGROUND_SIDE)
+            assert (
+                abs(background.shape[1] - (x1 - x0) / scale) <= 1
+                and abs(background.shape[0] - (y1 - y0) / scale) <= 1
+            ), (unit.key, background.shape)
+
+
+def test_every_modality_has_background_units_in_every_split():
+    units, _, _ = ms.catalogue()
+    for split in ms.SPLITS:
+        assert {u.modality for u in units if u.split == split} == set(ms.MODALITIES), split
+
+
+def test_default_test_split_asks_each_modality_at_least_20_times():
+    """The default test split (280 images, 600 VQA rows): >= 20 MODALITY questions per modality, yes/no balanced.
+    Instances are the sampled specs (labels only; no rendering needed to pick questions)."""
+    import random
+
+    units, _, _ = ms.catalogue()
+    n_images, n_vqa = ms.DEFAULT_INSTANCES["test"], ms.DEFAULT_ROWS["vqa"]["test"]
+    instances = [
+        {
+            "id": spec.id,
+            "image": f"images/{spec.id}.png",
+            "modality": spec.modality,
+            "region": spec.region,
+            "count": spec.count,
+            "side": spec.side,
+            "position": spec.position,
+            "size": spec.size,
+            "contrast": spec.contrast,
+        }
+        for spec in ms.sample_specs(units, "test", n_images, 0)
+    ]
+    picked = ms.select_vqa(instances, n_vqa, random.Random("0/test/vqa"), ms.vqa_table("test"))
+    assert len(picked) == n_vqa
+    modality = [c for c in picked if c["question_type"] == "MODALITY"]
+    per_modality = Counter(c["instance"]["modality"] for c in modality)
+    assert set(per_modality) == set(ms.MODALITIES) and min(per_modality.values()) >= 20, per_modality
+    closed = Counter(c["answer"] for c in modality if c["answer_type"] == "CLOSED")
+    assert abs(closed["yes"] - closed["no"]) <= 1, closed
+
+
 def test_modality_and_region_come_from_tags_where_present():
     units, _, _ = ms.catalogue()
     by_source = {u.source: u for u in units}
@@ -121,12 +193,33 @@ def test_sources_are_distinct_images():
     for u in units:
         first.setdefault(u.source, u)
     hashes = {
-        key: imagehash.phash(Image.fromarray(ms.load_background((u.source, u.index, str(files[u.source])))))
+        key: imagehash.phash(Image.fromarray(ms.load_background((u, str(files[u.source])))))
         for key, u in first.items()
     }
     keys = sorted(hashes)
     close = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :] if hashes[a] - hashes[b] <= 8]
     assert close == []
+
+
+def test_every_modality_is_in_every_split_and_crops_stay_in_their_area(out):
+    instances = _instances(out)
+    units = {u.key: u for u in ms.catalogue()[0]}
+    for split in ms.SPLITS:
+        insts = [i for i in instances.values() if i["split"] == split]
+        assert {i["modality"] for i in insts} == set(ms.MODALITIES), split
+    for inst in instances.values():
+        unit = units[inst["unit"]]
+        assert unit.split == inst["split"] and inst["area"] == list(unit.box), inst["id"]
+    # the crop (in background pixels) lies inside the background, which is the unit's area and nothing more
+    files = ms.catalogue()[1]
+    shapes = {}
+    for inst in instances.values():
+        unit = units[inst["unit"]]
+        if unit.key not in shapes:
+            shapes[unit.key] = ms.load_background((unit, str(files[unit.source]))).shape[:2]
+        h, w = shapes[unit.key]
+        x0, y0, side = inst["augment"]["crop"]
+        assert 0 <= x0 and 0 <= y0 and x0 + side <= w + 1e-9 and y0 + side <= h + 1e-9, inst["id"]
 
 
 def test_no_background_or_instance_in_two_splits(out):
@@ -327,7 +420,7 @@ def test_pixels_show_the_labelled_lesions_at_112px(out):
     instances = list(_instances(out).values())
     units, files, _ = ms.catalogue()
     used = {u.key: u for u in units if u.key in {i["unit"] for i in instances}}
-    library = {k: ms.load_background((u.source, u.index, str(files[u.source]))) for k, u in used.items()}
+    library = {k: ms.load_background((u, str(files[u.source]))) for k, u in used.items()}
     with_lesions = 0
     for inst in instances:
         size = inst["image_size"]
