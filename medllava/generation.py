@@ -8,6 +8,7 @@ for piece in stream(model, processor, example): print(piece, end="")         # t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ def stream(
     from transformers import TextIteratorStreamer
 
     params = params or SamplingParams(**overrides)
+    if params.stop_event is None:  # always stoppable, so closing this generator ends the generation thread
+        params = dataclasses.replace(params, stop_event=threading.Event())
     if params.seed is not None:
         torch.manual_seed(params.seed)
     batch = _model_inputs(model, processor, [example], images_loaded)
@@ -177,13 +180,20 @@ def stream(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    first = True
-    for piece in streamer:
-        if first:
-            piece, first = piece.lstrip(), False
-        if piece:
-            yield piece
-    thread.join()
+    first, drained = True, False
+    try:
+        for piece in streamer:
+            if first:
+                piece, first = piece.lstrip(), False
+            if piece:
+                yield piece
+        drained = True
+    finally:  # also on close() by a caller that stops reading: stop generating and wait for the thread
+        if not drained:
+            params.stop_event.set()
+            for _ in streamer:  # the thread ends the stream after its current step
+                pass
+        thread.join()
     if "error" in result:
         raise result["error"]
     if usage is not None:

@@ -79,3 +79,12 @@ def test_generation_in_bfloat16_runs(model_processor):
     model = model.to(torch.bfloat16)
     (completion,) = generate(model, processor, _examples()[:1], max_new_tokens=4)
     assert completion.completion_tokens >= 1
+
+
+def test_closing_a_stream_stops_its_generation_thread(model_processor):
+    model, processor = model_processor
+    before = threading.active_count()
+    pieces = stream(model, processor, _examples()[0], max_new_tokens=2000)
+    next(pieces)
+    pieces.close()  # a client that stops reading
+    assert threading.active_count() == before  # the generation thread has ended, not left running
