@@ -1,0 +1,483 @@
+"""Training entry points on a tiny Llava: stage freezing, resume after a kill, LoRA merge, DPO, GRPO, recipes.
+
+Each run is a few steps on CPU. The distributed launches (DDP, ZeRO-2, ZeRO-3, two nodes) are in
+tests/test_train_distributed.py (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_image, tiny_model
+from safetensors.torch import load_file
+
+from medllava.modeling import model_parts
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "train" / "recipes").rglob("*.yaml"))
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+
+
+def _user(text):
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny model dir plus sft/dpo/grpo JSONL files with image paths relative to the files."""
+    root = tmp_path_factory.mktemp("train-data")
+    model, processor = tiny_model()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "images").mkdir()
+    answers = ["yes", "no", "a small nodule", "left lung"]
+    sft, dpo, grpo = [], [], []
+    for i in range(16):
+        random_image(i, size=(40, 32)).save(root / "images" / f"{i}.png")
+        image, answer = [f"images/{i}.png"], answers[i % 4]
+        question = f"Question {i}: what is seen?"
+        sft.append({"id": f"s{i}", "images": image, "messages": [_user(question), _assistant(answer)]})
+        dpo.append(
+            {
+                "id": f"d{i}",
+                "images": image,
+                "prompt": [_user(question)],
+                "chosen": [_assistant(answer)],
+                "rejected": [_assistant("I cannot tell.")],
+            }
+        )
+        grpo.append(
+            {
+                "id": f"g{i}",
+                "images": image,
+                "prompt": [_user(question)],
+                "solution": answer,
+                "answer_type": "CLOSED" if answer in ("yes", "no") else "OPEN",
+            }
+        )
+    # a multi-turn conversation too
+    sft.append(
+        {
+            "id": "multi",
+            "images": ["images/0.png"],
+            "messages": [
+                _user("Describe it."),
+                _assistant("An image."),
+                {"role": "user", "content": [{"type": "text", "text": "And?"}]},
+                _assistant("Nothing else."),
+            ],
+        }
+    )
+    return {
+        "root": root,
+        "model": root / "model",
+        "sft": write_jsonl(root / "sft.jsonl", sft),
+        "dpo": write_jsonl(root / "dpo.jsonl", dpo),
+        "grpo": write_jsonl(root / "grpo.jsonl", grpo),
+    }
+
+
+COMMON = dict(
+    per_device_train_batch_size=2,
+    logging_steps=1,
+    save_steps=2,
+    bf16=False,
+    gradient_checkpointing=False,
+    learning_rate=1e-3,
+    report_to="none",
+    seed=0,
+    lr_scheduler_type="constant",
+    disable_tqdm=True,
+)
+
+
+def sft_args(data, out, stage="instruct", use_peft=False, max_steps=2, **overrides):
+    from train.configs import ModelConfig, ScriptArguments, SFTConfig
+
+    script = ScriptArguments(train_file=str(data["sft"]), stage=stage)
+    training = SFTConfig(
+        output_dir=str(out), max_steps=max_steps, **(COMMON | {"max_length": 256} | overrides)
+    )
+    model = ModelConfig(model_name_or_path=str(data["model"]), use_peft=use_peft, lora_r=4, lora_alpha=8)
+    return script, training, model
+
+
+def run_sft(*args, **kwargs):
+    from train.sft import main
+
+    return main(*sft_args(*args, **kwargs))
+
+
+def load_llava(path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+
+
+def changed_by_part(before, after) -> dict[str, tuple[int, int]]:
+    """{part: (tensors changed, tensors)} between two Llava models."""
+    out = {}
+    for part, modules in model_parts(before).items():
+        names = {n for m in modules for n, _ in m.named_parameters()}
+        a_params = {id(p): p for m in modules for p in m.parameters()}
+        b_params = {id(p): p for m in model_parts(after)[part] for p in m.parameters()}
+        pairs = list(zip(a_params.values(), b_params.values(), strict=True))
+        changed = sum(not torch.equal(x, y) for x, y in pairs)
+        out[part] = (changed, len(pairs))
+        assert len(names) >= 1
+    return out
+
+
+# --- recipes -------------------------------------------------------------------------------------------------
+
+
+def test_every_recipe_parses():
+    from train.configs import parse, recipe_algorithm
+
+    assert len(RECIPES) >= 13, RECIPES
+    for recipe in RECIPES:
+        script, training, model = parse(recipe_algorithm(str(recipe)), ["--config", str(recipe)])
+        assert script.train_file and training.output_dir, recipe
+        if "lora" in recipe.name:
+            assert model.use_peft, recipe
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    from train.configs import parse
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train_file: x.jsonl\noutput_dir: out\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse("sft", ["--config", str(recipe)])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stage": "nope"}, "stage"),
+        ({"train_file": None}, "train_file"),
+    ],
+)
+def test_script_arguments_are_validated(overrides, message):
+    from train.configs import ScriptArguments
+
+    with pytest.raises(ValueError, match=message):
+        ScriptArguments(**({"train_file": "x.jsonl"} | overrides))
+
+
+def test_sft_config_refuses_trl_assistant_only_loss(tmp_path):
+    from train.configs import SFTConfig
+
+    with pytest.raises(ValueError, match="AssistantOnlyCollator"):
+        SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True)
+
+
+# --- stages: exactly the intended parameters change ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stage, use_peft, expected",
+    [
+        ("align", False, {"vision": "none", "projector": "all", "llm": "none"}),
+        ("instruct", False, {"vision": "none", "projector": "all", "llm": "all"}),
+        ("specialist", True, {"vision": "none", "projector": "all", "llm": "lora"}),
+    ],
+)
+def test_stage_trains_exactly_its_parts(data, tmp_path, stage, use_peft, expected):
+    report = run_sft(data, tmp_path / "out", stage=stage, use_peft=use_peft)
+    assert report["train"]["kept"] == 17
+    before, after = load_llava(data["model"]), load_llava(tmp_path / "out")  # plain transformers reload
+    changed = changed_by_part(before, after)
+    for part, want in expected.items():
+        n_changed, n = changed[part]
+        if want == "none":
+            assert n_changed == 0, (part, changed)
+        elif want == "all":
+            assert n_changed == n, (part, changed)
+    if expected["llm"] == "lora":  # merged LoRA: exactly the adapted linear weights of the LLM moved
+        b, a = dict(before.named_parameters()), dict(after.named_parameters())
+        lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        for name in b:
+            if ".language_model." in name or name.startswith("lm_head"):
+                moved = not torch.equal(b[name], a[name])
+                assert moved == name.endswith(tuple(f"{t}.weight" for t in lora_targets)), name
+        adapter = tmp_path / "out" / "adapter"
+        assert (adapter / "adapter_config.json").is_file() and (
+            adapter / "adapter_model.safetensors"
+        ).is_file()
+    assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_lora_merge_equals_base_plus_adapter(data, tmp_path):
+    from peft import PeftModel
+
+    run_sft(data, tmp_path / "out", use_peft=True)
+    merged = load_llava(tmp_path / "out").eval()
+    base_plus_adapter = PeftModel.from_pretrained(
+        load_llava(data["model"]), tmp_path / "out" / "adapter"
+    ).eval()
+    ids = torch.tensor([[1, 200, 300, 400, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, base_plus_adapter(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_over_long_rows_are_dropped_and_counted(data):
+    from transformers import AutoProcessor
+
+    from medllava.schema import read_rows, token_length
+    from train.common import get_dataset
+
+    processor = AutoProcessor.from_pretrained(data["model"])
+    lengths = [token_length(row, processor) for row in read_rows(data["sft"])]
+    limit = max(lengths) - 1  # the multi-turn row is the longest
+    script, _, _ = sft_args(data, "unused")
+    dataset, report = get_dataset(data["sft"], processor, script, limit, "sft")
+    assert report["dropped_too_long"] == sum(n > limit for n in lengths) >= 1
+    assert len(dataset) == report["kept"] == len(lengths) - report["dropped_too_long"]
+    assert "multi" not in dataset["id"]
+
+
+def test_bad_row_is_an_error_naming_the_line(data, tmp_path):
+    from medllava.schema import SchemaError
+    from train.common import load_rows
+
+    lines = data["sft"].read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["images"] = ["images/missing.png"]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([lines[0], lines[1], json.dumps(bad)]) + "\n")
+    with pytest.raises(SchemaError, match=r"bad.jsonl:3: image not found"):
+        load_rows(path, image_root=data["root"])
+
+
+# --- resume after a kill --------------------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import os
+from transformers import TrainerCallback
+from trl import TrlParser
+from train.configs import ModelConfig, ScriptArguments, SFTConfig
+from train.sft import main
+
+class KillAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os._exit(17)  # a hard kill: no cleanup, no final save
+
+main(*TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(), callbacks=[KillAtStep()])
+"""
+
+
+def _cli(script, training, model) -> list[str]:
+    args = [
+        "--train_file",
+        script.train_file,
+        "--stage",
+        script.stage,
+        "--model_name_or_path",
+        model.model_name_or_path,
+        "--output_dir",
+        training.output_dir,
+        "--max_steps",
+        str(training.max_steps),
+        "--max_length",
+        str(training.max_length),
+    ]
+    for key, value in COMMON.items():
+        args += [f"--{key}", str(value)]
+    if model.use_peft:
+        args += ["--use_peft", "true", "--lora_r", str(model.lora_r), "--lora_alpha", str(model.lora_alpha)]
+    return args
+
+
+def _losses(report) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in report["log_history"] if "loss" in e}
+
+
+@pytest.mark.parametrize(
+    "use_peft", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"]
+)
+def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft):
+    uninterrupted = run_sft(data, tmp_path / "full", max_steps=4, use_peft=use_peft)
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "kill_sft.py"
+    script.write_text(KILL_SCRIPT)
+    env = os.environ | {"KILL_AT_STEP": "3"}
+    proc = subprocess.run(
+        [sys.executable, str(script), *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft))],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (killed / "model.safetensors").exists()
+
+    resumed = run_sft(
+        data, killed, max_steps=4, use_peft=use_peft
+    )  # the same command again: from checkpoint-2
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    full_losses, resumed_losses = _losses(uninterrupted), _losses(resumed)
+    assert sorted(resumed_losses) == [1, 2, 3, 4]
+    # steps 3-4 ran after the resume: equal only if weights, optimizer and data position were restored
+    for step in (1, 2, 3, 4):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), step
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoints_are_atomic_and_a_corrupt_last_one_falls_back(data, tmp_path, caplog):
+    from train.common import COMPLETE_MARKER, find_checkpoint
+
+    out = tmp_path / "out"
+    run_sft(data, out, max_steps=4)
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file() and (
+        out / "checkpoint-4" / COMPLETE_MARKER
+    ).is_file()
+    assert not (out / ".staging").exists()
+    assert find_checkpoint(out) == str(out / "checkpoint-4")
+
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short, as by a full disk
+    with caplog.at_level(logging.WARNING, logger="medllava.train"):
+        assert find_checkpoint(out) == str(out / "checkpoint-2")
+    assert "checkpoint-4 is unusable" in caplog.text
+
+    (out / "checkpoint-6").mkdir()  # a directory without the completion marker (killed during the write)
+    (out / "checkpoint-6" / "model.safetensors").write_bytes(b"")
+    assert find_checkpoint(out) == str(out / "checkpoint-2")
+    assert find_checkpoint(out, "no") is None
+    with pytest.raises(ValueError, match="cannot resume"):
+        find_checkpoint(out, str(out / "checkpoint-4"))
+
+
+# --- DPO and GRPO ---------------------------------------------------------------------------------------------
+
+
+def test_dpo_trains_and_reloads(data, tmp_path):
+    from train.configs import DPOConfig, ModelConfig, ScriptArguments
+    from train.dpo import main
+
+    script = ScriptArguments(train_file=str(data["dpo"]), stage="preference")
+    training = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, max_length=256, beta=0.1, **COMMON)
+    report = main(script, training, ModelConfig(model_name_or_path=str(data["model"])))
+    losses = _losses(report)
+    assert len(losses) == 2 and all(v == v for v in losses.values())
+    changed = changed_by_part(load_llava(data["model"]), load_llava(tmp_path / "out"))
+    assert changed["vision"][0] == 0 and changed["projector"][0] > 0 and changed["llm"][0] > 0
+
+
+def test_grpo_trains_with_rewards_and_reloads(data, tmp_path):
+    from train.configs import GRPOConfig, GRPOScriptArguments, ModelConfig
+    from train.grpo import main
+
+    script = GRPOScriptArguments(
+        train_file=str(data["grpo"]), stage="preference", reward_funcs=["format", "accuracy", "open_f1"]
+    )
+    common = COMMON | {"per_device_train_batch_size": 4}
+    training = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        num_generations=2,
+        max_completion_length=8,
+        reward_weights=[0.5, 1.0, 0.5],
+        **common,
+    )
+    report = main(script, training, ModelConfig(model_name_or_path=str(data["model"])))
+    rewards = [e for e in report["log_history"] if "reward" in e]
+    assert len(rewards) == 2
+    assert any("rewards/accuracy/mean" in k for k in rewards[0]), rewards[0].keys()
+    reloaded = load_llava(tmp_path / "out")
+    assert reloaded.config.model_type == "llava"
+
+
+# --- QLoRA ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_cpu_and_merges_into_a_plain_checkpoint(data, tmp_path):
+    """bitsandbytes 0.50 runs NF4 4-bit layers on CPU: the LLM is quantized, projector and vision tower are not."""
+    from train.common import get_model
+    from train.configs import ModelConfig
+    from train.sft import main
+
+    # TRL casts trainable weights of a quantized model to bf16 (QLoRA paper), so bf16 autocast as in the recipe
+    script, training, _ = sft_args(data, tmp_path / "out", stage="specialist", use_peft=True, bf16=True)
+    model_args = ModelConfig(
+        model_name_or_path=str(data["model"]),
+        use_peft=True,
+        load_in_4bit=True,
+        use_bnb_nested_quant=True,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    model, _ = get_model(model_args, script, training)
+    base = model.get_base_model()
+    assert type(base.model.language_model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    for part in (base.model.multi_modal_projector, base.model.vision_tower):
+        assert all(type(m).__name__ != "Linear4bit" for m in part.modules())
+    del model, base
+
+    report = main(script, training, model_args)
+    assert len(_losses(report)) == 2
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into the reloaded full-precision base
+    changed = changed_by_part(load_llava(data["model"]), load_llava(tmp_path / "out"))
+    assert (
+        changed["vision"][0] == 0
+        and changed["projector"][0] == changed["projector"][1]
+        and changed["llm"][0] > 0
+    )
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="paged 8-bit AdamW and bf16 4-bit compute of the cluster "
+    "QLoRA recipe need a CUDA GPU; the CPU test above covers quantized loading, LoRA and the merge",
+)
+def test_cluster_qlora_recipe_on_gpu(data, tmp_path):
+    from train.configs import parse
+    from train.sft import main
+
+    recipe = REPO / "train" / "recipes" / "cluster" / "stage3_specialist_qlora.yaml"
+    script, training, model = parse(
+        "sft",
+        [
+            "--config",
+            str(recipe),
+            "--model_name_or_path",
+            str(data["model"]),
+            "--train_file",
+            str(data["sft"]),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_steps",
+            "2",
+            "--report_to",
+            "none",
+        ],
+    )
+    assert len(_losses(main(script, training, model))) == 2

@@ -1,0 +1,44 @@
+"""Supervised fine-tuning for the curriculum stages (align, instruct, specialist), full or LoRA/QLoRA, with TRL.
+
+Loss on assistant tokens only (medllava.processing.AssistantOnlyCollator); over-long rows are dropped and
+counted before training, never truncated. Output: a plain HF Llava checkpoint + processor, loss_curve.png,
+TensorBoard logs (runs/) and train_report.json in output_dir; a killed run resumes from its last checkpoint.
+
+Usage:
+    accelerate launch --config_file train/accelerate/single.yaml train/sft.py \\
+        --config train/recipes/starter/stage2_instruct.yaml --max_steps 2
+    make train-stage2 ARGS='--max_steps 2'
+"""
+
+from __future__ import annotations
+
+from trl import SFTTrainer, TrlParser
+
+from medllava.processing import AssistantOnlyCollator
+from train.common import get_datasets, get_model, setup_logging, train_and_save, with_checkpointing
+from train.configs import ModelConfig, ScriptArguments, SFTConfig
+
+
+def main(
+    script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=None
+) -> dict:
+    setup_logging(training_args)
+    model, processor = get_model(model_args, script_args, training_args)
+    train_dataset, eval_dataset, report = get_datasets(
+        script_args, processor, training_args.max_length, "sft"
+    )
+    trainer = with_checkpointing(SFTTrainer)(
+        model=model,
+        args=training_args,
+        data_collator=AssistantOnlyCollator(processor),  # rows over max_length were already dropped
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    return train_and_save(trainer, script_args, training_args, processor, report)
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())
