@@ -26,13 +26,13 @@ from pathlib import Path
 
 from data_pipelines.common import (
     Rejects,
-    format_table,
     llava_to_messages,
     load_json_records,
     progress,
     unique_id,
+    write_rows,
 )
-from medllava.schema import content_text, conversation, validate_structure, write_jsonl
+from medllava.schema import content_text, conversation, validate_structure
 
 # Our own pool: short requests for a brief description, varied in wording and register.
 BRIEF_INSTRUCTIONS = (
@@ -158,16 +158,14 @@ def main(argv=None) -> int:
             continue
         row["id"] = unique_id(row["id"], seen)
         rows.append(row)
-    write_jsonl(args.output, rows)
     instructions = Counter(content_text(r["messages"][0]["content"]) for r in rows)
-    print(
-        format_table(
-            ["input records", "rows written", "rejected", "distinct instructions"],
-            [[len(records), len(rows), len(rejects), len(instructions)]],
-        )
+    write_rows(
+        args.output,
+        rows,
+        rejects,
+        ["input records", "rows written", "rejected", "distinct instructions"],
+        [len(records), len(rows), len(rejects), len(instructions)],
     )
-    rejects.report(args.output.with_suffix(".rejected.jsonl"))
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -7,13 +7,15 @@ which writes the rows and their reasons to a JSONL file and prints the counts.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +272,19 @@ def load_json_records(path: str | Path) -> list[dict]:
     return records
 
 
+def iter_records(
+    records: Sequence[Any], file_name: str, desc: str, rejects: Rejects
+) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each object in a source file's records, with a progress bar; anything else goes to
+    `rejects` as "record is not an object". `where` is "<file_name>[<index>]"."""
+    for i, record in enumerate(progress(records, desc)):
+        where = f"{file_name}[{i}]"
+        if not isinstance(record, dict):
+            rejects.add(where, "record is not an object", record)
+            continue
+        yield where, record
+
+
 def as_text(value: Any) -> str | None:
     """A source answer/question as text (VQA-RAD has numeric answers); None if missing or empty."""
     if value is None or isinstance(value, (list, dict)):
@@ -406,6 +421,17 @@ def write_splits(
     print(f"wrote {', '.join(str(out_dir / f'{n}.jsonl') for n in splits)}")
 
 
+def write_rows(
+    path: Path, rows: list[dict], rejects: Rejects, headers: Sequence[str], values: Sequence[Any]
+) -> None:
+    """Write one schema JSONL file, print a one-row summary table and the rejected rows (written to
+    PATH.rejected.jsonl), then where the rows went."""
+    write_jsonl(path, rows)
+    print(format_table(headers, [values]))
+    rejects.report(path.with_suffix(".rejected.jsonl"))
+    print(f"wrote {path}")
+
+
 def add_converter_args(parser, image_mode: str = "copy") -> None:
     parser.add_argument("--input", required=True, type=Path, help="directory holding the official release")
     parser.add_argument("--output", required=True, type=Path, help="directory to write <split>.jsonl into")
@@ -422,6 +448,35 @@ def add_converter_args(parser, image_mode: str = "copy") -> None:
         help="max Hamming distance of perceptual hashes counted as the same image (default 0; "
         "-1 skips the leakage report)",
     )
+
+
+def converter_main(
+    doc: str,
+    convert: Callable[..., tuple[dict[str, list[dict]], Rejects, Any]],
+    argv: Sequence[str] | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    convert_args: Callable[[argparse.Namespace], tuple] = lambda args: (),
+    finish: Callable[[Any], dict[str, int] | None] = lambda n: {"records": n},
+) -> int:
+    """The command line of a converter that writes OUT/<split>.jsonl; returns the exit code.
+
+    Parses the shared flags (add_converter_args) and those `add_args` adds, then runs
+    convert(--input, --output, --images, *convert_args(args)) -> (splits, rejects, extra). A missing or malformed
+    release prints "error: ..." and exits 2. `finish(extra)` prints any source-specific note and returns the
+    source counts for write_splits (by default `extra` is the number of source records).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_converter_args(parser)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        splits, rejects, extra = convert(args.input, args.output, args.images, *convert_args(args))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_splits(splits, args.output, rejects, args.leak_distance, finish(extra))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,6 +510,24 @@ class VqaBuilder:
             if found is not None:
                 return found
         return None
+
+    def record_row(
+        self, where: str, record: dict, image_key: str, metadata: dict[str, str], **values: Any
+    ) -> dict | None:
+        """`row` for a record holding `qid`, `question`, `answer`, `answer_type` and its image name under
+        `image_key` (VQA-RAD, SLAKE). `metadata` maps row keys to record keys, in the rows' key order; `values`
+        overrides a row key's value (computed by the caller) in its place."""
+        fields = {key: record.get(name) for key, name in metadata.items()} | values
+        return self.row(
+            where,
+            record,
+            record.get("qid"),
+            record.get(image_key),
+            record.get("question"),
+            record.get("answer"),
+            record.get("answer_type"),
+            **fields,
+        )
 
     def row(
         self,

@@ -38,21 +38,13 @@ from pathlib import Path
 
 from data_pipelines.common import (
     Rejects,
-    format_table,
     llava_to_messages,
     load_json_records,
     progress,
     unique_id,
+    write_rows,
 )
-from medllava.schema import (
-    content_text,
-    conversation,
-    row_kind,
-    validate_structure,
-    vqa_answer,
-    write_json,
-    write_jsonl,
-)
+from medllava.schema import content_text, conversation, row_kind, validate_structure, vqa_answer, write_json
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt: our own system prompt and few-shot examples
@@ -454,7 +446,6 @@ def cmd_generate(args) -> int:
             continue
         outcome["turns"] += len(pairs)
         rows.append(row)
-    write_jsonl(args.output, rows)
     c = usage.counts
     stats = {
         "items": len(items),
@@ -474,38 +465,35 @@ def cmd_generate(args) -> int:
         "base_url": base_url,
     }
     write_json(args.output.with_name(args.output.name + ".stats.json"), stats)
-    print(
-        format_table(
-            [
-                "items",
-                "rows",
-                "new req",
-                "cached req",
-                "failed",
-                "unparseable",
-                "leaked",
-                "prompt tok (new)",
-                "completion tok (new)",
-                "exchanges/row",
-            ],
-            [
-                [
-                    len(items),
-                    len(rows),
-                    c["requests"],
-                    c["cached_requests"],
-                    failures,
-                    outcome["unparseable"],
-                    outcome["leaked"],
-                    c["prompt_tokens"],
-                    c["completion_tokens"],
-                    stats["mean_exchanges"],
-                ]
-            ],
-        )
+    write_rows(
+        args.output,
+        rows,
+        rejects,
+        [
+            "items",
+            "rows",
+            "new req",
+            "cached req",
+            "failed",
+            "unparseable",
+            "leaked",
+            "prompt tok (new)",
+            "completion tok (new)",
+            "exchanges/row",
+        ],
+        [
+            len(items),
+            len(rows),
+            c["requests"],
+            c["cached_requests"],
+            failures,
+            outcome["unparseable"],
+            outcome["leaked"],
+            c["prompt_tokens"],
+            c["completion_tokens"],
+            stats["mean_exchanges"],
+        ],
     )
-    rejects.report(args.output.with_suffix(".rejected.jsonl"))
-    print(f"wrote {args.output}")
     if failures:
         print(f"{failures} request(s) failed; rerun the same command to retry only those", file=sys.stderr)
         return 1
@@ -554,16 +542,14 @@ def cmd_convert(args) -> int:
             continue
         row["id"] = unique_id(row["id"], seen)
         rows.append(row)
-    write_jsonl(args.output, rows)
     turns = sum(len(r["messages"]) // 2 for r in rows)
-    print(
-        format_table(
-            ["input records", "rows written", "rejected", "leaked", "exchanges/row"],
-            [[len(records), len(rows), len(rejects), leaked, f"{turns / max(len(rows), 1):.2f}"]],
-        )
+    write_rows(
+        args.output,
+        rows,
+        rejects,
+        ["input records", "rows written", "rejected", "leaked", "exchanges/row"],
+        [len(records), len(rows), len(rejects), leaked, f"{turns / max(len(rows), 1):.2f}"],
     )
-    rejects.report(args.output.with_suffix(".rejected.jsonl"))
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -20,12 +20,11 @@ from data_pipelines.common import (
     ImageStore,
     Rejects,
     VqaBuilder,
-    add_converter_args,
+    converter_main,
     llava_to_messages,
     load_json_records,
     progress,
     unique_id,
-    write_splits,
 )
 from medllava.schema import infer_answer_type, normalise_answer_type, validate_structure, vqa_answer
 
@@ -86,20 +85,12 @@ def convert(
     return splits, rejects, total
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_converter_args(parser)
+def add_source_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=SOURCE, help="value of the rows' `source` and id prefix")
-    args = parser.parse_args(argv)
-    try:
-        splits, rejects, n = convert(args.input, args.output, args.images, args.source)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_splits(splits, args.output, rejects, args.leak_distance, {"records": n})
-    return 0
+
+
+def main(argv=None) -> int:
+    return converter_main(__doc__, convert, argv, add_source_arg, lambda args: (args.source,))
 
 
 if __name__ == "__main__":

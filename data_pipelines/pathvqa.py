@@ -15,7 +15,6 @@ OUT/leakage.json (test/validate images duplicated in train, by perceptual hash).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import pickle
@@ -28,10 +27,9 @@ from data_pipelines.common import (
     ImageStore,
     Rejects,
     VqaBuilder,
-    add_converter_args,
+    converter_main,
     load_json_records,
     progress,
-    write_splits,
 )
 
 SOURCE = "pathvqa"
@@ -168,18 +166,7 @@ def convert(input_dir: Path, out_dir: Path, image_mode: str = "copy") -> tuple[d
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_converter_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        splits, rejects, n = convert(args.input, args.output, args.images)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_splits(splits, args.output, rejects, args.leak_distance, {"records": n})
-    return 0
+    return converter_main(__doc__, convert, argv)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,20 @@ from data_pipelines.common import (
     ImageStore,
     Rejects,
     VqaBuilder,
-    add_converter_args,
+    converter_main,
+    iter_records,
     load_json_records,
-    progress,
-    write_splits,
 )
 
 SOURCE = "slake"
 SPLITS = ("train", "validate", "test")
+METADATA = {  # row key: record key, in the rows' key order; "language" is normalised by convert()
+    "question_type": "content_type",
+    "modality": "modality",
+    "location": "location",
+    "language": "q_lang",
+    "base_type": "base_type",
+}
 
 
 def split_files(input_dir: Path) -> dict[str, Path]:
@@ -61,58 +67,42 @@ def convert(
         records = load_json_records(path)
         n[split] = len(records)
         rows = []
-        for i, record in enumerate(progress(records, f"{SOURCE} {split}")):
-            where = f"{path.name}[{i}]"
-            if not isinstance(record, dict):
-                rejects.add(where, "record is not an object", record)
-                continue
+        for where, record in iter_records(records, path.name, f"{SOURCE} {split}", rejects):
             lang = str(record.get("q_lang", "en")).strip().lower()
             if languages is not None and lang not in languages:
                 skipped[f"{split}:{lang}"] += 1
                 continue
-            row = builder.row(
-                where,
-                record,
-                record.get("qid"),
-                record.get("img_name"),
-                record.get("question"),
-                record.get("answer"),
-                record.get("answer_type"),
-                question_type=record.get("content_type"),
-                modality=record.get("modality"),
-                location=record.get("location"),
-                language=lang,
-                base_type=record.get("base_type"),
-            )
+            row = builder.record_row(where, record, "img_name", METADATA, language=lang)
             if row is not None:
                 rows.append(row)
         splits[split] = rows
     return splits, rejects, skipped
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_converter_args(parser)
+def add_language_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--all-languages", action="store_true", help="keep every q_lang (default: English only)"
     )
-    args = parser.parse_args(argv)
-    try:
-        splits, rejects, skipped = convert(
-            args.input, args.output, args.images, None if args.all_languages else ("en",)
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+
+def report_skipped(skipped: Counter) -> None:
+    """Print the questions left out by language; SLAKE's summary has no source-record count."""
     if skipped:
         print(
             "left out by language (use --all-languages to keep): "
             + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
         )
-    write_splits(splits, args.output, rejects, args.leak_distance)
-    return 0
+
+
+def main(argv=None) -> int:
+    return converter_main(
+        __doc__,
+        convert,
+        argv,
+        add_language_arg,
+        lambda args: (None if args.all_languages else ("en",),),
+        report_skipped,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ whose perceptual hash matches a train image (VQA-RAD reuses images across its sp
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,14 +20,18 @@ from data_pipelines.common import (
     ImageStore,
     Rejects,
     VqaBuilder,
-    add_converter_args,
+    converter_main,
+    iter_records,
     load_json_records,
-    progress,
-    write_splits,
 )
 
 SOURCE = "vqa_rad"
 JSON_NAME = "VQA_RAD Dataset Public.json"
+METADATA = {  # row key: record key, in the rows' key order
+    "question_type": "question_type",
+    "organ": "image_organ",
+    "phrase_type": "phrase_type",
+}
 
 
 def find_json(input_dir: Path) -> Path:
@@ -51,41 +54,15 @@ def convert(input_dir: Path, out_dir: Path, image_mode: str = "copy") -> tuple[d
     rejects = Rejects()
     builder = VqaBuilder(SOURCE, input_dir, ImageStore(out_dir, image_mode), rejects)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for i, record in enumerate(progress(records, SOURCE)):
-        where = f"{path.name}[{i}]"
-        if not isinstance(record, dict):
-            rejects.add(where, "record is not an object", record)
-            continue
-        row = builder.row(
-            where,
-            record,
-            record.get("qid"),
-            record.get("image_name"),
-            record.get("question"),
-            record.get("answer"),
-            record.get("answer_type"),
-            question_type=record.get("question_type"),
-            organ=record.get("image_organ"),
-            phrase_type=record.get("phrase_type"),
-        )
+    for where, record in iter_records(records, path.name, SOURCE, rejects):
+        row = builder.record_row(where, record, "image_name", METADATA)
         if row is not None:
             splits[split_of(record)].append(row)
     return splits, rejects, len(records)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_converter_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        splits, rejects, n = convert(args.input, args.output, args.images)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_splits(splits, args.output, rejects, args.leak_distance, {"records": n})
-    return 0
+    return converter_main(__doc__, convert, argv)
 
 
 if __name__ == "__main__":
