@@ -5,6 +5,7 @@ Usage:
     python -m medllava.assets starter   # build the trained starter (base + committed delta), print its directory
     python -m medllava.assets llm       # only convert SmolLM2-135M-Instruct (GGUF -> safetensors)
     python -m medllava.assets vision    # only convert DINOv2 ViT-S/14 (ONNX -> safetensors)
+    python -m medllava.assets save-starter --trained outputs/starter/dpo   # ship a trained model as a delta
 
 Everything is written under $MEDLLAVA_HOME (default ~/.cache/medllava). Each product is built in a temporary
 directory and renamed into place only when complete, so an interrupted build never leaves a half-written model;

@@ -15,7 +15,7 @@ ifeq ($(HAS_GPU),)
 TRAIN_ENV := DS_ACCELERATOR=cpu
 endif
 # DeepSpeed configs need the launcher's rank variables; accelerate sets them only through its DeepSpeed or
-# multi-GPU launchers, which the config files select (see docs/readme/train.md).
+# multi-GPU launchers, which the config files select (see docs/train.md).
 # LAUNCH_ARGS: extra flags for `accelerate launch` itself (multi-node: --machine_rank 1 --main_process_ip HOST).
 LAUNCH_ARGS ?=
 TRAIN_LAUNCH = $(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_PROCESSES) $(LAUNCH_ARGS)
@@ -46,17 +46,21 @@ train-dpo: ## DPO with images on medsynth preference pairs, from stage 3's outpu
 train-grpo: ## GRPO with format + accuracy rewards on medsynth prompts, from DPO's output
 	$(call train_run,train/grpo.py,$(STARTER_RECIPES)/grpo.yaml)
 
-# The whole CPU curriculum, each stage from the previous stage's output (recipes in train/recipes/starter/).
+# The whole CPU curriculum, each stage from the previous stage's output (recipes in train/recipes/starter/):
+# stage 1 (projector) -> stage 2 (LoRA r8 + projector) -> stage 3 (LoRA r16 + projector) -> DPO (LoRA r8), every
+# LoRA merged, so the result is a plain Llava whose change over the base is the projector plus low-rank factors.
+# Then the delta is written to medllava/starter/ (what `make setup` rebuilds the starter from) and evaluated.
 # STARTER_OUT moves every output; ARGS applies to every stage (e.g. ARGS='--max_steps 2' for a smoke run).
-train-starter: ## whole starter curriculum on CPU: stage 1 -> 2 -> 3 -> DPO -> GRPO on medsynth
+train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3 -> DPO), its delta in medllava/starter/, eval
 	@test -f $(MEDSYNTH)/captions_train.jsonl || { echo "no $(MEDSYNTH)/captions_train.jsonl: run 'make data' first"; exit 1; }
 	$(MAKE) --no-print-directory $(MEDSYNTH)/dpo_train.jsonl
 	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage1_align.yaml --output_dir $(STARTER_OUT)/stage1_align $(ARGS)
-	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage2_instruct.yaml --model_name_or_path $(STARTER_OUT)/stage1_align --output_dir $(STARTER_OUT)/stage2_instruct $(ARGS)
-	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage3_specialist.yaml --model_name_or_path $(STARTER_OUT)/stage2_instruct --output_dir $(STARTER_OUT)/stage3_specialist $(ARGS)
-	$(TRAIN_LAUNCH) train/dpo.py --config $(STARTER_RECIPES)/dpo.yaml --model_name_or_path $(STARTER_OUT)/stage3_specialist --output_dir $(STARTER_OUT)/dpo $(ARGS)
-	$(TRAIN_LAUNCH) train/grpo.py --config $(STARTER_RECIPES)/grpo.yaml --model_name_or_path $(STARTER_OUT)/dpo --output_dir $(STARTER_OUT)/grpo $(ARGS)
-	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align,stage2_instruct,stage3_specialist,dpo,grpo}"
+	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage2_instruct_lora.yaml --model_name_or_path $(STARTER_OUT)/stage1_align --output_dir $(STARTER_OUT)/stage2_instruct $(ARGS)
+	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage3_specialist_lora.yaml --model_name_or_path $(STARTER_OUT)/stage2_instruct --output_dir $(STARTER_OUT)/stage3_specialist_lora $(ARGS)
+	$(TRAIN_LAUNCH) train/dpo.py --config $(STARTER_RECIPES)/dpo.yaml --model_name_or_path $(STARTER_OUT)/stage3_specialist_lora --output_dir $(STARTER_OUT)/dpo $(ARGS)
+	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/dpo
+	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/dpo OUT=$(STARTER_OUT)/eval
+	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align,stage2_instruct,stage3_specialist_lora,dpo}; delta in medllava/starter/"
 
 bench-train: ## training tokens/s and peak memory of the default base at 112 px (stage 1 and stage 2/3 steps)
 	$(PY) -m bench.train_throughput

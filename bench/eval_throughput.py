@@ -1,0 +1,143 @@
+"""VQA answering speed: batched greedy generation against one question at a time (LLaVA-Med's model_vqa way).
+
+Usage:
+    .venv/bin/python -m bench.eval_throughput [--questions 32] [--batch-sizes 4 8 16 32] [--max-new-tokens 12]
+        [--model base] [--data data/medsynth/vqa_test.jsonl] [--dtype float32]
+
+Answers the same questions (the first N of --data if it exists, else synthetic random-image questions) with the
+default base model on CPU, once one by one and once per batch size (in eval.generate's order: grouped by answer
+type and length), and prints questions/s, the speedup over one
+at a time, whether the answers are identical, and the work done as a fraction of the GEMM limit measured in the
+same run (FLOPs counted as 2 x parameters x tokens processed, attention ignored). The 1-minute load average is
+printed before, after and at the end of each row: rows measured on a busy machine understate what it can do, and
+a load that changes during the run makes the speedups unreliable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import gemm_gflops, machine_state, markdown_table
+from eval.generate import DEFAULT_SUFFIXES, batch_key, load_questions
+from medllava.generation import generate, load
+from medllava.processing import load_image, user_message
+
+SYNTHETIC = [
+    ("Is there a mass in this image? Answer yes or no.", "CLOSED"),
+    ("Which organ is shown? Answer with a short phrase.", "OPEN"),
+    ("Is this image normal? Answer yes or no.", "CLOSED"),
+    ("What imaging modality was used? Answer with a short phrase.", "OPEN"),
+]
+
+
+def synthetic_examples(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        image = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+        question, answer_type = SYNTHETIC[i % len(SYNTHETIC)]
+        out.append({"images": [image], "messages": [user_message(question)], "answer_type": answer_type,
+                    "question": question})  # fmt: skip
+    return out
+
+
+def data_examples(path: Path, n: int) -> list[dict]:
+    questions = load_questions(path, None, DEFAULT_SUFFIXES, limit=n)
+    return [{"images": [load_image(p) for p in q.images], "messages": q.messages, "answer_type": q.answer_type,
+             "question": q.question} for q in questions]  # fmt: skip
+
+
+def eval_order(examples: list[dict]) -> list[int]:
+    """The order eval.generate answers in (grouped by answer type and length)."""
+    keys = [batch_key(e["answer_type"], len(e["images"]), e["question"]) for e in examples]
+    return sorted(range(len(examples)), key=lambda i: (keys[i], i))
+
+
+def answer_all(model, processor, examples: list[dict], batch_size: int, max_new_tokens: int):
+    """(seconds, completions) for answering every example in batches of `batch_size`."""
+    completions = []
+    start = time.perf_counter()
+    for i in range(0, len(examples), batch_size):
+        completions += generate(model, processor, examples[i : i + batch_size], images_loaded=True,
+                                max_new_tokens=max_new_tokens)  # fmt: skip
+    return time.perf_counter() - start, completions
+
+
+def flops(model, completions) -> float:
+    """2 x parameters x tokens: LLM over prompt + generated tokens, vision tower over its patches."""
+    llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
+    tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions)
+    return 2.0 * (llm * tokens + vision * patches * len(completions))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.eval_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="base", help="'base' (the default base model) or a Llava directory")
+    p.add_argument(
+        "--data", default="data/medsynth/vqa_test.jsonl", help="questions to use if the file exists"
+    )
+    p.add_argument("--questions", type=int, default=32)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    before = machine_state()
+    gflops_limit = gemm_gflops(getattr(torch, args.dtype))
+    if args.model == "base":
+        from medllava.assets import base_dir
+
+        model_dir = base_dir()
+    else:
+        model_dir = Path(args.model)
+    model, processor = load(str(model_dir), dtype=args.dtype)
+    data = Path(args.data)
+    examples = data_examples(data, args.questions) if data.is_file() else synthetic_examples(args.questions)
+    source = (
+        f"first {len(examples)} questions of {data}"
+        if data.is_file()
+        else f"{len(examples)} synthetic questions"
+    )
+    generate(model, processor, examples[:2], images_loaded=True, max_new_tokens=2)  # warm-up
+
+    base_s, base = answer_all(model, processor, examples, 1, args.max_new_tokens)
+    rows = [["one at a time (model_vqa)", 1, f"{base_s:.1f}", f"{len(examples) / base_s:.2f}", "1.00x", "-",
+             f"{sum(c.completion_tokens for c in base) / base_s:.1f}", f"{os.getloadavg()[0]:.1f}"]]  # fmt: skip
+    fractions = [flops(model, base) / base_s]
+    order = eval_order(examples)
+    for batch_size in args.batch_sizes:
+        seconds, out = answer_all(
+            model, processor, [examples[i] for i in order], batch_size, args.max_new_tokens
+        )
+        same = all(c.text == base[i].text for i, c in zip(order, out, strict=True))
+        rows.append([f"batched {batch_size}", batch_size, f"{seconds:.1f}", f"{len(examples) / seconds:.2f}",
+                     f"{base_s / seconds:.2f}x", "yes" if same else "NO",
+                     f"{sum(c.completion_tokens for c in out) / seconds:.1f}", f"{os.getloadavg()[0]:.1f}"])  # fmt: skip
+        fractions.append(flops(model, out) / seconds)
+    after = machine_state()
+    gflops_after = gemm_gflops(getattr(torch, args.dtype))
+    limit = max(gflops_limit, gflops_after)
+    for row, run_flops in zip(rows, fractions, strict=True):
+        row.append(f"{run_flops / 1e9 / limit:.1%}")
+
+    print(f"model {model_dir} ({args.dtype}), {source}, greedy, max_new_tokens {args.max_new_tokens}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"GEMM limit measured now: {gflops_limit:.0f} GFLOP/s before, {gflops_after:.0f} after ({args.dtype}; "
+          f"the larger is the limit below; ~200 fp32 on a quiet machine)")  # fmt: skip
+    print(f"machine before: {before}; after: {after}\n")
+    print(markdown_table(["mode", "batch", "wall s", "questions/s", "speedup", "same answers", "gen tok/s",
+                          "load after", "of GEMM limit"], rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Answer every question of a schema JSONL file with batched greedy decoding, writing predictions as it goes.
+
+Usage:
+    python -m eval.generate --model default --data data/medsynth/vqa_test.jsonl --output outputs/eval/predictions.jsonl
+    python -m eval.generate --model M --data FILE --output P --batch-size 16 --max-new-tokens 32 --limit 100
+    python -m eval.generate ... --num-shards 2 --shard-index 0   # one process per shard, separate --output files
+
+One JSON line per question (id, question, answer, prediction, answer_type, question_type, modality, latency_s,
+model, ...) is appended and flushed after each batch; questions are batched grouped by answer type and length,
+so lines come in that order, not the file's (latency_s is the wall time of the question's batch). Rerunning the same command resumes: ids already in the
+output are skipped, and a torn last line (a kill during a write) is cut off. Shard k takes the questions whose
+index in the file is k modulo the number of shards. A suffix per answer type is appended to the question
+(e.g. "Answer yes or no."); `--no-suffix` asks the bare question. Decoding is greedy, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medllava.generation import Completion
+from medllava.metrics import infer_answer_type
+from medllava.schema import (
+    SchemaError,
+    prompt_messages,
+    read_jsonl,
+    resolve_image,
+    validate_structure,
+    vqa_answer,
+    vqa_question,
+)
+
+DEFAULT_SUFFIXES = {
+    "CLOSED": "Answer yes or no.",
+    "OPEN": "Answer with a short phrase.",
+    "CHOICE": "Answer with the letter of the correct option.",
+}
+METADATA = ("question_type", "modality", "source")
+
+
+class PredictionsFileError(ValueError):
+    """An existing predictions file cannot be resumed; the message names the file, line and reason."""
+
+
+@dataclass
+class Question:
+    id: str
+    index: int  # position in the data file (sharding key)
+    line: int
+    images: list[Path]
+    messages: list[dict]  # what the model is asked (suffix included)
+    question: str
+    answer: str
+    answer_type: str
+    answer_type_inferred: bool
+    metadata: dict
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading questions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def with_suffix(messages: list[dict], suffix: str) -> list[dict]:
+    """A copy of the messages with `suffix` appended to the last user turn's text."""
+    if not suffix:
+        return messages
+    messages = json.loads(json.dumps(messages))
+    last_user = next(m for m in reversed(messages) if m.get("role") == "user")
+    content = last_user["content"]
+    if isinstance(content, str):
+        last_user["content"] = f"{content.rstrip()} {suffix}"
+        return messages
+    texts = [p for p in content if p.get("type") == "text"]
+    if texts:
+        texts[-1]["text"] = f"{texts[-1]['text'].rstrip()} {suffix}"
+    else:
+        content.append({"type": "text", "text": suffix})
+    return messages
+
+
+def load_questions(
+    data: Path, image_root: Path | None, suffixes: dict[str, str], limit: int | None = None
+) -> list[Question]:
+    """Every question of a schema file; a row that cannot be evaluated raises SchemaError naming file:line."""
+    image_root = data.parent if image_root is None else image_root
+    questions, seen = [], {}
+    for line_no, row in read_jsonl(data):
+        if limit is not None and len(questions) >= limit:
+            break
+        where = f"{data}:{line_no}"
+        problems = validate_structure(row)
+        if "chosen" in row:
+            problems.append("a DPO row is not a VQA question")
+        if problems:
+            raise SchemaError(f"{where}: " + "; ".join(problems))
+        row_id = row["id"]
+        if row_id in seen:
+            raise SchemaError(f"{where}: duplicate id {row_id!r} (first on line {seen[row_id]})")
+        seen[row_id] = line_no
+        answer = vqa_answer(row)
+        answer_type = row.get("answer_type")
+        inferred = answer_type is None
+        if inferred:
+            answer_type = infer_answer_type(answer)
+        messages = prompt_messages(row)
+        questions.append(
+            Question(
+                id=row_id,
+                index=len(questions),
+                line=line_no,
+                images=[resolve_image(p, image_root) for p in row.get("images", [])],
+                messages=with_suffix(messages, suffixes.get(answer_type, "")),
+                question=vqa_question(row),
+                answer=answer,
+                answer_type=answer_type,
+                answer_type_inferred=inferred,
+                metadata={k: row[k] for k in METADATA if k in row},
+            )
+        )
+    return questions
+
+
+def shard(questions: list[Question], num_shards: int, shard_index: int) -> list[Question]:
+    return [q for q in questions if q.index % num_shards == shard_index]
+
+
+def batch_key(answer_type: str, n_images: int, question: str) -> tuple:
+    """Questions are answered grouped by answer type and prompt size: a batch runs until its longest answer
+    ends, so yes/no questions batched together stop after a few tokens, and similar lengths waste less padding."""
+    return (answer_type, n_images, len(question))
+
+
+def batch_order(questions: list[Question]) -> list[Question]:
+    return sorted(questions, key=lambda q: (batch_key(q.answer_type, len(q.images), q.question), q.index))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_done(output: Path, model: str) -> set[str]:
+    """Ids already answered in `output`. A torn last line (no newline: a kill during a write) is cut off the
+    file; a malformed complete line, or answers from another model, raise PredictionsFileError."""
+    if not output.exists():
+        return set()
+    raw = output.read_bytes()
+    lines = raw.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (empty if none)
+    done = set()
+    for i, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PredictionsFileError(
+                f"{output}:{i}: malformed JSON line ({e.msg}); not a predictions file?"
+            ) from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise PredictionsFileError(f"{output}:{i}: not a prediction row (no 'id')")
+        if row.get("model") != model:
+            raise PredictionsFileError(
+                f"{output}:{i}: predictions of model {row.get('model')!r}, not {model!r}: "
+                "use another --output or delete the file"
+            )
+        done.add(row["id"])
+    if tail.strip():
+        cut = len(raw) - len(tail)
+        with output.open("r+b") as f:
+            f.truncate(cut)
+        print(f"[eval.generate] {output}: cut off a torn last line ({len(tail)} bytes)", file=sys.stderr)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prediction_row(q: Question, completion, latency: float, batch_size: int, model: str) -> dict:
+    return {
+        "id": q.id,
+        "question": q.question,
+        "answer": q.answer,
+        "prediction": completion.text,
+        "answer_type": q.answer_type,
+        "question_type": q.metadata.get("question_type"),
+        "modality": q.metadata.get("modality"),
+        "source": q.metadata.get("source"),
+        "latency_s": round(latency, 4),
+        "batch_size": batch_size,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "finish_reason": completion.finish_reason,
+        "model": model,
+    }
+
+
+def error_row(q: Question, error: str, model: str) -> dict:
+    row = prediction_row(q, Completion("", 0, 0, "error"), 0.0, 0, model)
+    row["error"] = error
+    return row
+
+
+def answer_batch(model, processor, batch: list[Question], max_new_tokens: int, model_name: str) -> list[dict]:
+    """Answer one batch; a question whose image does not load gets an error row (scored as wrong, counted)."""
+    from medllava.generation import generate
+    from medllava.processing import ImageLoadError, load_image
+
+    rows, examples, ok = {}, [], []
+    for q in batch:
+        try:
+            images = [load_image(p) for p in q.images]
+        except ImageLoadError as e:
+            rows[q.id] = error_row(q, str(e), model_name)
+            continue
+        examples.append({"images": images, "messages": q.messages})
+        ok.append(q)
+    if examples:
+        start = time.perf_counter()
+        completions = generate(model, processor, examples, images_loaded=True, max_new_tokens=max_new_tokens)
+        latency = time.perf_counter() - start
+        for q, c in zip(ok, completions, strict=True):
+            rows[q.id] = prediction_row(q, c, latency, len(examples), model_name)
+    return [rows[q.id] for q in batch]
+
+
+def run(args: argparse.Namespace) -> dict:
+    from medllava.generation import load
+
+    model_dir = resolve_model(args.model)
+    model_name = args.model_name or str(model_dir)
+    suffixes = {} if args.no_suffix else {"CLOSED": args.closed_suffix, "OPEN": args.open_suffix,
+                                          "CHOICE": args.choice_suffix}  # fmt: skip
+    questions = load_questions(
+        Path(args.data), args.image_root and Path(args.image_root), suffixes, args.limit
+    )
+    mine = shard(questions, args.num_shards, args.shard_index)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(output, model_name)
+    ids = {q.id for q in mine}
+    foreign = done - ids
+    if foreign:
+        print(f"[eval.generate] {output}: {len(foreign)} answered id(s) are not in this shard of {args.data}",
+              file=sys.stderr)  # fmt: skip
+    todo = batch_order([q for q in mine if q.id not in done])
+    inferred = sum(q.answer_type_inferred for q in mine)
+    if inferred:
+        print(
+            f"[eval.generate] {inferred} row(s) without answer_type: inferred from the answer",
+            file=sys.stderr,
+        )
+    print(f"[eval.generate] {len(mine)} question(s) in shard {args.shard_index}/{args.num_shards}, "
+          f"{len(mine) - len(todo)} already answered, {len(todo)} to go", file=sys.stderr)  # fmt: skip
+    errors = 0
+    if todo:
+        model, processor = load(str(model_dir), dtype=args.dtype, device=args.device)
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="q", desc="answering", smoothing=0.1)
+        with output.open("a", encoding="utf-8") as f:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start : start + args.batch_size]
+                rows = answer_batch(model, processor, batch, args.max_new_tokens, model_name)
+                errors += sum("error" in r for r in rows)
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                f.flush()
+                bar.update(len(batch))
+        bar.close()
+    summary = {"output": str(output), "questions": len(mine), "answered_now": len(todo),
+               "already_answered": len(mine) - len(todo), "image_errors": errors}  # fmt: skip
+    if errors:
+        print(f"[eval.generate] {errors} question(s) had images that did not load: written with an 'error' "
+              "field and an empty prediction (scored as wrong)", file=sys.stderr)  # fmt: skip
+    return summary
+
+
+def resolve_model(model: str) -> Path:
+    if model == "default":
+        from medllava.assets import default_model_dir
+
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {model}: no such directory (use 'default' or a saved Llava directory)"
+        )
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument(
+        "--model", required=True, help="'default' (the starter or base model) or a Llava directory"
+    )
+    p.add_argument("--data", required=True, help="schema JSONL file of VQA rows")
+    p.add_argument("--output", required=True, help="predictions JSONL (appended to; resumed if it exists)")
+    p.add_argument("--image-root", help="directory image paths are relative to (default: the data file's)")
+    p.add_argument("--model-name", help="name recorded in the 'model' field (default: the model directory)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N questions of the file (before sharding)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--closed-suffix", default=DEFAULT_SUFFIXES["CLOSED"], help="appended to CLOSED questions")
+    p.add_argument("--open-suffix", default=DEFAULT_SUFFIXES["OPEN"], help="appended to OPEN questions")
+    p.add_argument("--choice-suffix", default=DEFAULT_SUFFIXES["CHOICE"], help="appended to CHOICE questions")
+    p.add_argument("--no-suffix", action="store_true", help="ask the questions exactly as written")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be >= 1")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        p.error(f"--shard-index must be in [0, {args.num_shards}) and --num-shards >= 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (SchemaError, PredictionsFileError, FileNotFoundError) as e:
+        sys.exit(f"eval.generate: error: {e}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
