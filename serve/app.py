@@ -46,10 +46,17 @@ def _packaged_examples() -> list[tuple[str, Path]]:
     return [(key, path) for key, path in found if path.is_file()]
 
 
+# A few medsynth test cases (seed 0) shipped with the code, for a fresh set-up that has not run `make data`.
+SHIPPED_EXAMPLES = Path(__file__).parent / "examples" / "vqa_test_examples.jsonl"
+
+
 def find_examples(jsonl: Path = REPO / "data" / "medsynth" / "vqa_test.jsonl", n: int = 4) -> list[dict]:
     """Example cases for the chat: the first single-image questions of the synthetic VQA test split if it has been
-    built, else a few real packaged images. Files are copied to a temporary directory Gradio may serve."""
+    built (else the shipped copy of a few of its cases), else a few real packaged images. Files are copied to a
+    temporary directory Gradio may serve."""
     cases: list[tuple[str, Path]] = []
+    if not jsonl.is_file():
+        jsonl = SHIPPED_EXAMPLES
     if jsonl.is_file():
         from medllava.schema import read_jsonl, resolve_image, vqa_question
 

@@ -579,10 +579,22 @@ def test_stop_button_ends_the_answer_early(live, tmp_path):
     assert full_answer.startswith(stopped_answer) and len(stopped_answer) < len(full_answer), (full, stopped)
 
 
-def test_examples_fall_back_to_packaged_images():
+def test_examples_fall_back_to_packaged_images(monkeypatch):
+    import serve.app
+
+    monkeypatch.setattr(serve.app, "SHIPPED_EXAMPLES", Path("/nonexistent/shipped.jsonl"))
     examples = find_examples(Path("/nonexistent/vqa_test.jsonl"))
     assert examples and all(Path(e["files"][0]).is_file() and e["text"] for e in examples)
     assert any(e["files"][0].endswith(".dcm") for e in examples)
+
+
+def test_examples_without_medsynth_come_from_the_shipped_test_cases():
+    from serve.app import SHIPPED_EXAMPLES
+
+    examples = find_examples(Path("/nonexistent/vqa_test.jsonl"))
+    shipped = [json.loads(line) for line in SHIPPED_EXAMPLES.read_text().splitlines()]
+    assert [e["text"] for e in examples] == [r["messages"][0]["content"][-1]["text"] for r in shipped][:4]
+    assert all(Path(e["files"][0]).is_file() for e in examples)
 
 
 def test_cli_help_and_bad_model_dir(tmp_path, capsys):
