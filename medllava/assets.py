@@ -281,6 +281,21 @@ def default_model_dir() -> Path:
     return base_dir()
 
 
+def save_starter(trained: str | Path, out: Path = STARTER_DELTA) -> Path:
+    """Write the delta of a trained checkpoint over the default base into `out` (what ships in the repository)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from medllava.modeling import save_delta
+
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir(), dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(trained, dtype=torch.float32)
+    sizes = save_delta(base, model, out, factor_dtype=torch.float16)
+    size_mb = (out / "delta.safetensors").stat().st_size / 2**20
+    _log(f"delta of {trained}: {len(sizes)} tensors, {sum(sizes.values()):,} numbers, {size_mb:.1f} MiB")
+    return out
+
+
 _TARGETS = {
     "base": base_dir,
     "starter": starter_dir,
@@ -292,9 +307,17 @@ _TARGETS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m medllava.assets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=sorted(_TARGETS), help="what to build (if needed) and print")
+    parser.add_argument("target", choices=[*sorted(_TARGETS), "save-starter"], help="what to build and print")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished copy exists")
+    parser.add_argument(
+        "--trained", help="save-starter: the trained checkpoint whose delta over the base ships"
+    )
     args = parser.parse_args(argv)
+    if args.target == "save-starter":
+        if not args.trained:
+            parser.error("save-starter needs --trained DIR")
+        print(save_starter(args.trained))
+        return
     fn = _TARGETS[args.target]
     print(fn(force=args.force) if args.target != "default" else fn())
 
