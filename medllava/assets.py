@@ -15,6 +15,7 @@ a second run finds the finished directory and returns in well under a second.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -271,7 +272,9 @@ def starter_dir(force: bool = False) -> Path:
 
         apply_delta(base_dir(), STARTER_DELTA, out)
 
-    return build_once(medllava_home() / "starter", build, "trained starter model", force)
+    # Named after the delta's content, so a new delta (a pull, a retrain) is never hidden by an old build.
+    digest = hashlib.sha256((STARTER_DELTA / "delta.safetensors").read_bytes()).hexdigest()[:10]
+    return build_once(medllava_home() / f"starter-{digest}", build, "trained starter model", force)
 
 
 def default_model_dir() -> Path:
