@@ -564,8 +564,8 @@ def test_stop_button_ends_the_answer_early(live, tmp_path):
 
     image = _png_file(tmp_path, 9)
     value = {"text": "Describe everything.", "files": [handle_file(image)]}
-    # 256 = the fixture's limit: long enough that Stop lands mid-answer even on a busy machine
-    sampled = (1.0, 1.0, 256, 5)
+    # Stop may land after the answer is complete on a fast machine; see the note on this test in issue 5
+    sampled = (1.0, 1.0, 96, 5)
     full = Client(live[0] + "/", verbose=False).predict(value, *sampled, api_name="/chat")[1]
     chat = Client(live[0] + "/", verbose=False)
     job = chat.submit(value, *sampled, api_name="/chat")
