@@ -9,6 +9,7 @@ messages, prompt tokens and max tokens; every refusal is a 4xx JSON error in Ope
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -468,6 +469,26 @@ def _stream(engine: Engine, request: ChatRequest, ticket) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _closing(gen: Iterator[str]):
+    """Iterate a sync generator off the event loop and close it however the response ends.
+
+    Starlette drops a sync iterator whose client disconnects without closing it, so its generator (and the
+    generation slot it holds) would linger until garbage collection; closing it here frees the slot at once.
+    """
+    from starlette.concurrency import iterate_in_threadpool
+
+    try:
+        async for item in iterate_in_threadpool(gen):
+            yield item
+    finally:
+        for _ in range(600):  # the worker thread may still be inside next(); close once it has returned
+            try:
+                await run_in_threadpool(gen.close)
+                break
+            except ValueError:  # "generator already executing"
+                await asyncio.sleep(0.05)
+
+
 async def _read_json(request: Request, limit: int):
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -549,7 +570,7 @@ def api_router(engine: Engine) -> APIRouter:
             return error_response(APIError(429, str(e), code="server_busy", type="rate_limit_error"))
         if chat.stream:
             return StreamingResponse(
-                _stream(engine, chat, ticket),
+                _closing(_stream(engine, chat, ticket)),
                 media_type="text/event-stream",
                 headers={**NOTICE_HEADERS, "Cache-Control": "no-cache"},
             )
