@@ -411,12 +411,23 @@ def test_client_leaving_a_stream_stops_its_generation(live):
         "temperature": 1.0,
         "stream": True,
     }
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-        next(r.iter_lines())  # the first event has arrived, then the client hangs up
-    deadline = time.monotonic() + 30
-    while engine.pending and time.monotonic() < deadline:
-        time.sleep(0.05)
+    steps = []  # decoding steps; 20 ms each, so the full 256 tokens would take > 5 s
+
+    def count(*_):
+        steps.append(1)
+        time.sleep(0.02)
+
+    hook = engine.model.register_forward_pre_hook(count)
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())  # the first event has arrived, then the client hangs up
+        deadline = time.monotonic() + 30
+        while engine.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        hook.remove()
     assert engine.pending == 0
+    assert len(steps) < 128, f"generation ran {len(steps)} steps after its client left"
     still_serving(url)
 
 
@@ -564,16 +575,21 @@ def test_stop_button_ends_the_answer_early(live, tmp_path):
 
     image = _png_file(tmp_path, 9)
     value = {"text": "Describe everything.", "files": [handle_file(image)]}
-    # Stop may land after the answer is complete on a fast machine; see the note on this test in issue 5
     sampled = (1.0, 1.0, 96, 5)
     full = Client(live[0] + "/", verbose=False).predict(value, *sampled, api_name="/chat")[1]
-    chat = Client(live[0] + "/", verbose=False)
-    job = chat.submit(value, *sampled, api_name="/chat")
-    deadline = time.monotonic() + 30
-    while len(job.outputs()) < 3 and time.monotonic() < deadline:  # streaming has begun
-        time.sleep(0.01)
-    chat.predict(api_name="/stop")
-    stopped = job.result()[1]
+    # The tiny model can write all 96 tokens before a Stop request lands; 40 ms per decoding step makes the
+    # answer take ~4 s, so a Stop sent once streaming has begun always arrives mid-answer.
+    slow = live[1].model.register_forward_pre_hook(lambda *_: time.sleep(0.04))
+    try:
+        chat = Client(live[0] + "/", verbose=False)
+        job = chat.submit(value, *sampled, api_name="/chat")
+        deadline = time.monotonic() + 30
+        while len(job.outputs()) < 3 and time.monotonic() < deadline:  # streaming has begun
+            time.sleep(0.01)
+        chat.predict(api_name="/stop")
+        stopped = job.result()[1]
+    finally:
+        slow.remove()
     # gr.Chatbot shows text through inspect.cleandoc, which may re-indent lines: compare with whitespace collapsed
     full_answer, stopped_answer = (" ".join(_texts(h, "assistant")[0].split()) for h in (full, stopped))
     assert full_answer.startswith(stopped_answer) and len(stopped_answer) < len(full_answer), (full, stopped)
