@@ -258,6 +258,29 @@ def test_over_long_rows_are_dropped_and_counted(data):
     assert "multi" not in dataset["id"]
 
 
+def test_answer_suffix_matches_the_eval_prompt(data):
+    from eval.generate import DEFAULT_SUFFIXES, load_questions
+    from train.common import add_answer_suffix
+
+    def user_text(messages):
+        return messages[-1]["content"][-1]["text"]
+
+    vqa = {"id": "v", "images": ["a.png"], "answer_type": "CLOSED"}
+    vqa["messages"] = [_user("Is there a lesion?"), _assistant("yes")]
+    once = add_answer_suffix(vqa)
+    assert user_text(once["messages"][:1]) == "Is there a lesion? " + DEFAULT_SUFFIXES["CLOSED"]
+    assert add_answer_suffix(once) == once and vqa["messages"][0]["content"][-1]["text"] == "Is there a lesion?"
+    pair = {"prompt": [_user("Which side?")], "chosen": [_assistant("left")], "answer_type": "OPEN"}
+    assert user_text(add_answer_suffix(pair)["prompt"]) == "Which side? " + DEFAULT_SUFFIXES["OPEN"]
+    caption = {"messages": [_user("Describe the image.")]}
+    assert add_answer_suffix(caption) == caption  # no answer type: left alone
+
+    path = data["root"] / "vqa.jsonl"
+    path.write_text(json.dumps({**vqa, "images": ["images/0.png"]}) + "\n")
+    asked = load_questions(path, None, DEFAULT_SUFFIXES)[0].messages
+    assert asked[-1] == once["messages"][0]  # the training prompt is the one eval asks
+
+
 def test_bad_row_is_an_error_naming_the_line(data, tmp_path):
     from medllava.schema import SchemaError
     from train.common import load_rows

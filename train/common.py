@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from eval.generate import DEFAULT_SUFFIXES, with_suffix
 from medllava.modeling import freeze_for_stage, model_parts
 from medllava.processing import load_image
 from medllava.schema import SchemaError, read_jsonl, resolve_image, row_kind, token_length, validate_structure
@@ -183,6 +184,22 @@ def load_rows(path: str | Path, image_root: str | Path | None = None, limit: int
     return rows
 
 
+def add_answer_suffix(row: dict) -> dict:
+    """The row with eval's instruction for its answer type appended to its last user turn (once)."""
+    suffix = DEFAULT_SUFFIXES.get(row.get("answer_type"))
+    key = "messages" if "messages" in row else "prompt"
+    if not suffix or key not in row:
+        return row
+    if any(
+        part.get("type") == "text" and part["text"].rstrip().endswith(suffix)
+        for message in row[key]
+        if message.get("role") == "user" and isinstance(message["content"], list)
+        for part in message["content"]
+    ):
+        return row
+    return {**row, key: with_suffix(row[key], suffix)}
+
+
 def drop_long_rows(rows: list[dict], processor, max_length: int | None, path) -> tuple[list[dict], int]:
     """Rows longer than max_length tokens (after image expansion) are dropped and counted, never truncated."""
     if max_length is None:
@@ -222,6 +239,8 @@ def get_dataset(path, processor, script_args, max_length: int | None, kind: str,
     from datasets import Dataset
 
     rows = load_rows(path, script_args.image_root, script_args.max_train_samples)
+    if getattr(script_args, "answer_suffix", False):
+        rows = [add_answer_suffix(row) for row in rows]
     kinds = Counter(row_kind(row) for row in rows)
     if set(kinds) != {kind}:
         raise SchemaError(f"{path}: {kind} rows expected, found {dict(kinds)}")

@@ -47,6 +47,14 @@ class ScriptArguments(trl.ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training rows (quick runs)."}
     )
+    answer_suffix: bool = field(
+        default=False,
+        metadata={
+            "help": "Append eval's per-answer-type instruction (eval.generate.DEFAULT_SUFFIXES, e.g. 'Answer yes or "
+            "no.') to the last user turn of rows with an answer_type, so VQA rows train on the prompts `make eval` "
+            "asks."
+        },
+    )
     merge_lora: bool = field(
         default=True,
         metadata={
