@@ -14,6 +14,9 @@ TORCH_INDEX_ARGS := $(if $(HAS_GPU),,--extra-index-url $(TORCH_CPU_INDEX))
 
 # Training knobs (see README "Train"): make train-stage2 RECIPE=... ACCELERATE_CONFIG=... ARGS='--max_steps 2'
 NUM_PROCESSES ?= 1
+# accelerate launch sets OMP_NUM_THREADS=1 in its workers unless told otherwise, which halves CPU training speed
+# on this 2-core machine; each process gets an equal share of the cores instead.
+CPU_THREADS ?= $(shell n=$$(( $$(nproc) / $(NUM_PROCESSES) )); echo $$(( n > 0 ? n : 1 )))
 ACCELERATE_CONFIG ?= train/accelerate/single.yaml
 ARGS ?=
 

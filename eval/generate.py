@@ -4,6 +4,7 @@ Usage:
     python -m eval.generate --model default --data data/medsynth/vqa_test.jsonl --output outputs/eval/predictions.jsonl
     python -m eval.generate --model M --data FILE --output P --batch-size 16 --max-new-tokens 32 --limit 100
     python -m eval.generate ... --num-shards 2 --shard-index 0   # one process per shard, separate --output files
+    python -m eval.generate ... --shuffle-images 0   # image-blind control: each question gets another picture
 
 One JSON line per question (id, question, answer, prediction, answer_type, question_type, modality, latency_s,
 model, ...) is appended and flushed after each batch; questions are batched grouped by answer type and length,
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -125,6 +127,29 @@ def load_questions(
             )
         )
     return questions
+
+
+def shuffle_images(questions: list[Question], seed: int) -> list[Question]:
+    """Image-blind control: every question gets the images of questions about another picture.
+
+    The distinct image lists (grouped by how many images they hold) are put in a seeded random order and each is
+    replaced by the next one in that cycle, so no question keeps its own picture even when several questions share
+    one. Scoring such a run measures what the model answers from the question text and answer priors alone; the
+    gap to the normal run is what the model reads from the image.
+    """
+    distinct: dict[int, list[tuple[Path, ...]]] = {}
+    for q in questions:
+        key = tuple(q.images)
+        group = distinct.setdefault(len(key), [])
+        if key and key not in group:
+            group.append(key)
+    replacement = {}
+    for group in distinct.values():
+        if len(group) < 2:
+            raise SchemaError("--shuffle-images needs at least two different images among the questions")
+        random.Random(seed).shuffle(group)
+        replacement.update({key: group[(i + 1) % len(group)] for i, key in enumerate(group)})
+    return [replace(q, images=list(replacement.get(tuple(q.images), q.images))) for q in questions]
 
 
 def shard(questions: list[Question], num_shards: int, shard_index: int) -> list[Question]:
@@ -238,11 +263,17 @@ def run(args: argparse.Namespace) -> dict:
 
     model_dir = resolve_model(args.model)
     model_name = args.model_name or str(model_dir)
+    if args.shuffle_images is not None:  # a control run never resumes into (or from) a normal run's file
+        model_name += f" [images shuffled, seed {args.shuffle_images}]"
     suffixes = {} if args.no_suffix else {"CLOSED": args.closed_suffix, "OPEN": args.open_suffix,
                                           "CHOICE": args.choice_suffix}  # fmt: skip
     questions = load_questions(
         Path(args.data), args.image_root and Path(args.image_root), suffixes, args.limit
     )
+    if args.shuffle_images is not None:
+        questions = shuffle_images(questions, args.shuffle_images)
+        print(f"[eval.generate] image-blind control: images shuffled across questions (seed "
+              f"{args.shuffle_images})", file=sys.stderr)  # fmt: skip
     mine = shard(questions, args.num_shards, args.shard_index)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -316,6 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-suffix", default=DEFAULT_SUFFIXES["OPEN"], help="appended to OPEN questions")
     p.add_argument("--choice-suffix", default=DEFAULT_SUFFIXES["CHOICE"], help="appended to CHOICE questions")
     p.add_argument("--no-suffix", action="store_true", help="ask the questions exactly as written")
+    p.add_argument("--shuffle-images", type=int, metavar="SEED",
+                   help="image-blind control: ask each question about another question's picture")  # fmt: skip
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")

@@ -18,7 +18,8 @@ endif
 # multi-GPU launchers, which the config files select (see docs/train.md).
 # LAUNCH_ARGS: extra flags for `accelerate launch` itself (multi-node: --machine_rank 1 --main_process_ip HOST).
 LAUNCH_ARGS ?=
-TRAIN_LAUNCH = $(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_PROCESSES) $(LAUNCH_ARGS)
+TRAIN_LAUNCH = $(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_PROCESSES) \
+	--num_cpu_threads_per_process $(CPU_THREADS) $(LAUNCH_ARGS)
 # $(call train_run,entry point,default recipe)
 train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(2)) $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR)) $(ARGS)
 

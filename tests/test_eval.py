@@ -196,6 +196,24 @@ def test_suffixes_and_bad_rows(tmp_path):
         gen.load_questions(data, None, {})
 
 
+def test_shuffled_images_never_keep_their_own_picture(tmp_path):
+    data = write_vqa(tmp_path, 6)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["images"] = rows[0]["images"]  # two questions about one picture
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = gen.load_questions(data, None, {})
+    shuffled = gen.shuffle_images(questions, seed=3)
+    assert [q.id for q in shuffled] == [q.id for q in questions]
+    assert all(s.images != q.images for s, q in zip(shuffled, questions, strict=True))
+    assert {tuple(s.images) for s in shuffled} == {
+        tuple(q.images) for q in questions
+    }  # a permutation of pictures
+    assert shuffled[0].images == shuffled[1].images  # questions that shared a picture still share one
+    assert [s.images for s in gen.shuffle_images(questions, seed=3)] == [s.images for s in shuffled]
+    with pytest.raises(SchemaError, match="at least two different images"):
+        gen.shuffle_images(questions[:1], seed=0)
+
+
 def test_unreadable_image_gives_a_counted_error_row(varied_model_dir, tmp_path):
     data = write_vqa(tmp_path, 3)
     (tmp_path / "images" / "im1.png").write_bytes(b"not an image")

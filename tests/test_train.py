@@ -269,7 +269,9 @@ def test_answer_suffix_matches_the_eval_prompt(data):
     vqa["messages"] = [_user("Is there a lesion?"), _assistant("yes")]
     once = add_answer_suffix(vqa)
     assert user_text(once["messages"][:1]) == "Is there a lesion? " + DEFAULT_SUFFIXES["CLOSED"]
-    assert add_answer_suffix(once) == once and vqa["messages"][0]["content"][-1]["text"] == "Is there a lesion?"
+    assert (
+        add_answer_suffix(once) == once and vqa["messages"][0]["content"][-1]["text"] == "Is there a lesion?"
+    )
     pair = {"prompt": [_user("Which side?")], "chosen": [_assistant("left")], "answer_type": "OPEN"}
     assert user_text(add_answer_suffix(pair)["prompt"]) == "Which side? " + DEFAULT_SUFFIXES["OPEN"]
     caption = {"messages": [_user("Describe the image.")]}
