@@ -322,3 +322,25 @@ def test_score_errors_name_the_file_and_line(tmp_path):
         sc.main(["--predictions", str(dup), "--output", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--names has 1 name"):
         sc.main(["--predictions", str(dup), str(bad), "--names", "x", "--output", str(tmp_path / "o")])
+
+
+def test_stage_table_rows_come_from_the_score_and_likelihood_files(tmp_path, capsys):
+    from eval import stages
+
+    modality = {
+        "1",
+        "3",
+        "8",
+    }  # strict: "Yes." for yes is right, "yes" for no and "cyst" for "kidney cyst" wrong
+    rows = [(*p[:4], "MODALITY" if p[0] in modality else p[4], p[5]) for p in PREDICTIONS]
+    sc.score_files([str(write_predictions(tmp_path / "p.jsonl", rows))], tmp_path / "s1", names=["s1"])
+    (tmp_path / "s1" / "nll_captions.json").write_text(json.dumps({"nll": 2.34567}))
+    stages.main([f"stage1={tmp_path / 's1'}"])
+    header, rule, row = capsys.readouterr().out.strip().splitlines()
+    cells = dict(zip(stages.COLUMNS, [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert cells["model"] == "stage1" and cells["n"] == "10"
+    assert cells["strict closed acc"].startswith("25.0 [")
+    assert cells["modality acc (strict)"] == "33.3"
+    assert cells["caption NLL"] == "2.346" and cells["conversation NLL"] == "-"
+    with pytest.raises(SystemExit):
+        stages.main([str(tmp_path / "s1")])  # no NAME=
