@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stages = []
     for spec in args.stages:
-        name, sep, directory = spec.partition("=")
+        name, sep, directory = spec.rpartition("=")
         if not sep or not Path(directory, "metrics.json").is_file():
             parser.error(f"{spec!r}: expected NAME=DIR with DIR/metrics.json (from eval.score)")
         stages.append((name, Path(directory)))
