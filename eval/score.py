@@ -140,11 +140,12 @@ def evaluate_run(rows: list[dict], seed: int = 0, n_boot: int = 1000) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cell(entry: dict | None) -> str:
+def percent_cell(entry: dict | None, ci_decimals: int = 1) -> str:
+    """A metric entry as "mean [low, high]" in percent; "-" when there is none."""
     if not entry:
         return "-"
     low, high = entry["ci95"]
-    return f"{100 * entry['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * entry['mean']:.1f} [{100 * low:.{ci_decimals}f}, {100 * high:.{ci_decimals}f}]"
 
 
 def markdown(report: dict) -> str:
@@ -156,14 +157,14 @@ def markdown(report: dict) -> str:
         "|---|---|---|" + "---|" * len(names),
     ]
     lines.append("| all | accuracy (strict; token F1 for open) | strict | "
-                 + " | ".join(_cell(runs[n]["all"]["accuracy"]) for n in names) + " |")  # fmt: skip
+                 + " | ".join(percent_cell(runs[n]["all"]["accuracy"]) for n in names) + " |")  # fmt: skip
     for answer_type, metric_names in HEADLINE.items():
         if not any(answer_type in runs[n]["by_answer_type"] for n in names):
             continue
         counts = "/".join(str(runs[n]["n_by_answer_type"].get(answer_type, 0)) for n in names)
         for metric in metric_names:
             kind = "LLaVA-Med-compatible" if metric.startswith("llava_") else "strict"
-            cells = [_cell(runs[n]["by_answer_type"].get(answer_type, {}).get(metric)) for n in names]
+            cells = [percent_cell(runs[n]["by_answer_type"].get(answer_type, {}).get(metric)) for n in names]
             lines.append(
                 f"| {answer_type} (n={counts}) | {LABELS[metric]} | {kind} | " + " | ".join(cells) + " |"
             )
@@ -184,8 +185,8 @@ def markdown(report: dict) -> str:
                 cells = []
                 for e in entries:
                     lenient = LENIENT.get(answer_type)
-                    cells.append(_cell(e.get(lenient)) if e and lenient else "-")
-                    cells.append(_cell(e["accuracy"]) if e else "-")
+                    cells.append(percent_cell(e.get(lenient)) if e and lenient else "-")
+                    cells.append(percent_cell(e["accuracy"]) if e else "-")
                 lines.append(f"| {group} | {answer_type} | {n_q} | " + " | ".join(cells) + " |")
     notes = [
         f"{n}: {', '.join(f'{k} {v}' for k, v in runs[n]['notes'].items())}"

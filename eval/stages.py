@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from eval.score import percent_cell
+
 COLUMNS = (
     "model",
     "n",
@@ -28,13 +30,6 @@ COLUMNS = (
     "conversation NLL",
 )
 STRICT = {"CLOSED": "strict_closed_accuracy", "OPEN": "strict_exact_match"}
-
-
-def _pct(metric: dict | None) -> str:
-    if not metric:
-        return "-"
-    low, high = metric["ci95"]
-    return f"{100 * metric['mean']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
 
 
 def _nll(path: Path) -> str:
@@ -54,11 +49,11 @@ def stage_row(name: str, directory: Path) -> list[str]:
     return [
         name,
         str(run["n"]),
-        _pct(closed.get("strict_closed_accuracy")),
-        _pct(closed.get("llava_closed_accuracy")),
-        _pct(opened.get("strict_exact_match")),
-        _pct(opened.get("llava_recall")),
-        _pct(opened.get("strict_token_f1")),
+        percent_cell(closed.get("strict_closed_accuracy"), 0),
+        percent_cell(closed.get("llava_closed_accuracy"), 0),
+        percent_cell(opened.get("strict_exact_match"), 0),
+        percent_cell(opened.get("llava_recall"), 0),
+        percent_cell(opened.get("strict_token_f1"), 0),
         f"{100 * hits / count:.1f}" if count else "-",
         _nll(directory / "nll_captions.json"),
         _nll(directory / "nll_instruct.json"),

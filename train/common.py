@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from eval.generate import DEFAULT_SUFFIXES, with_suffix
 from medllava.modeling import freeze_for_stage, model_parts
-from medllava.processing import load_image
+from medllava.processing import load_image, message_text
 from medllava.schema import SchemaError, read_jsonl, resolve_image, row_kind, token_length, validate_structure
 from train.configs import NO_RESUME
 
@@ -190,12 +190,8 @@ def add_answer_suffix(row: dict) -> dict:
     key = "messages" if "messages" in row else "prompt"
     if not suffix or key not in row:
         return row
-    if any(
-        part.get("type") == "text" and part["text"].rstrip().endswith(suffix)
-        for message in row[key]
-        if message.get("role") == "user" and isinstance(message["content"], list)
-        for part in message["content"]
-    ):
+    last_user = next((m for m in reversed(row[key]) if m.get("role") == "user"), None)
+    if last_user is None or message_text(last_user).rstrip().endswith(suffix):
         return row
     return {**row, key: with_suffix(row[key], suffix)}
 
