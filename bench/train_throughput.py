@@ -6,8 +6,12 @@ Each configuration runs in its own process (so peak RSS is its own) with the tra
 one image at the base's resolution. Reports the median step of `--steps` after one warm-up step, and whether the
 machine was quiet (CPU time used by other processes during the run, from /proc/stat).
 
+`--malloc both` runs every configuration twice: with glibc's default malloc and with the Makefile's settings
+that keep freed memory (MALLOC_* below), and reports the share of CPU time spent in the kernel for each.
+
 Usage:
     python -m bench.train_throughput                       # bf16 autocast, batch 8, 5 steps per configuration
+    python -m bench.train_throughput --malloc both         # default glibc malloc against the Makefile's settings
     python -m bench.train_throughput --dtype fp32 --batch-size 4 --steps 3
 """
 
@@ -26,6 +30,20 @@ import time
 CONFIGS = {"stage1": "align", "stage2/3": "instruct"}
 # shared/PERFORMANCE.md: training bound by compute for the 135M LLM (6 x params FLOP per token), 2 threads
 COMPUTE_BOUND_TOK_S = {"bf16": 527.0, "fp32": 248.0}
+
+
+# The Makefile exports these (glibc: keep freed memory instead of returning it to the kernel after each step).
+KEEP_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+
+
+def malloc_env(mode: str) -> dict:
+    """The environment for a child process: glibc malloc's defaults ("default") or KEEP_MALLOC ("keep")."""
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_MALLOC}
+    return {**env, **KEEP_MALLOC} if mode == "keep" else env
 
 
 def busy_jiffies() -> int:
@@ -92,6 +110,7 @@ def measure(stage: str, args) -> dict:
     tokens = int(batch["attention_mask"].sum())
     times = []
     busy0, own0, wall0 = busy_jiffies(), own_cpu_seconds(), time.perf_counter()
+    sys0 = os.times().system
     for _ in range(args.steps + 1):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
@@ -101,6 +120,7 @@ def measure(stage: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     wall = time.perf_counter() - wall0
+    kernel_share = (os.times().system - sys0) / max(own_cpu_seconds() - own0, 1e-9)
     others = ((busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_cpu_seconds() - own0)) / wall
     step = statistics.median(times[1:])
     return {
@@ -115,6 +135,7 @@ def measure(stage: str, args) -> dict:
         "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "other_cores_busy": max(0.0, others),
         "threads": torch.get_num_threads(),
+        "kernel_share": kernel_share,
     }
 
 
@@ -130,6 +151,12 @@ def parse_args(argv=None):
         "--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)"
     )
     parser.add_argument("--words", type=int, default=24, help="approximate words per answer")
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default", "both"],
+        default="keep",
+        help="glibc malloc settings of the child processes: the Makefile's (keep), glibc's defaults, or both",
+    )
     parser.add_argument("--stage", choices=sorted(CONFIGS.values()), help=argparse.SUPPRESS)  # child process
     return parser.parse_args(argv)
 
@@ -140,7 +167,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.stage, args)))
         return 0
     results = []
-    for name, stage in CONFIGS.items():
+    modes = ["default", "keep"] if args.malloc == "both" else [args.malloc]
+    for (name, stage), mode in ((c, m) for c in CONFIGS.items() for m in modes):
         cmd = [
             sys.executable,
             "-m",
@@ -156,12 +184,12 @@ def main(argv=None) -> int:
             "--words",
             str(args.words),
         ]
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        print(f"measuring {name} (malloc {mode}) ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=malloc_env(mode))
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode
-        results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+        results.append((name, {**json.loads(out.stdout.strip().splitlines()[-1]), "malloc": mode}))
     bound = COMPUTE_BOUND_TOK_S[args.dtype]
     print(
         f"command: python -m bench.train_throughput {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
@@ -171,15 +199,15 @@ def main(argv=None) -> int:
         f"batch {args.batch_size}, median of {args.steps} steps, {results[0][1]['threads']} threads"
     )
     print(
-        "| step kind | trainable (M) | tokens/step (non-pad) | s/step | tokens/s | samples/s | "
-        "% of LLM compute bound | peak RSS (GiB) | other processes (cores busy) |"
+        "| step kind | malloc | trainable (M) | tokens/step (non-pad) | s/step | tokens/s | samples/s | "
+        "% of LLM compute bound | kernel share of CPU time | peak RSS (GiB) | other processes (cores busy) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results:
         print(
-            f"| {name} | {r['trainable_m']:.1f} | {r['tokens_per_step']} | {r['step_s']:.2f} | "
+            f"| {name} | {r['malloc']} | {r['trainable_m']:.1f} | {r['tokens_per_step']} | {r['step_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {100 * r['tokens_per_s'] / bound:.0f}% | "
-            f"{r['peak_rss_gib']:.2f} | {r['other_cores_busy']:.2f} |"
+            f"{100 * r['kernel_share']:.0f}% | {r['peak_rss_gib']:.2f} | {r['other_cores_busy']:.2f} |"
         )
     busy = max(r["other_cores_busy"] for _, r in results)
     print(

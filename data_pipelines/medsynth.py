@@ -57,7 +57,11 @@ DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 280}
 DEFAULT_ROWS = {
     "captions": {"train": 1500, "val": 100, "test": 150},
     "instruct": {"train": 1000, "val": 100, "test": 150},
-    "vqa": {"train": 2000, "val": 300, "test": 600},
+    "vqa": {
+        "train": 12000,
+        "val": 300,
+        "test": 600,
+    },  # train: ~8 questions per image (data_pipelines.group_turns)
     "grpo": {"train": 600, "val": 100, "test": 200},
 }
 
@@ -1634,7 +1638,7 @@ def parse_args(argv=None):
         "--size",
         type=float,
         default=1.0,
-        help="multiplier on the default counts (1.0: ~1,940 images, 2,000 train VQA rows)",
+        help="multiplier on the default counts (1.0: ~1,940 images, 12,000 train VQA rows)",
     )
     parser.add_argument(
         "--image-size", type=int, default=224, help="side of the saved square PNGs (default 224)"

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import random_image
 
-from data_pipelines import captions, llava_med_eval, pathvqa, preferences, slake, validate, vqa_rad
+from data_pipelines import (
+    captions,
+    group_turns,
+    llava_med_eval,
+    pathvqa,
+    preferences,
+    slake,
+    validate,
+    vqa_rad,
+)
 from medllava.schema import CHOICE, CLOSED, OPEN, make_vqa_row, read_rows, validate_row, vqa_answer
 
 
@@ -481,3 +490,33 @@ def test_grpo_solutions_and_choices(vqa_file, tmp_path):
         "type": "image"
     }
     assert validate_row(row, tmp_path) == []
+
+
+def test_group_turns_merges_questions_per_image(vqa_file, tmp_path):
+    save_image(tmp_path / "b.png", 1)
+    extra = [
+        make_vqa_row("b1", ["b.png"], "Is this a CT?", "no", CLOSED, question_type="MODALITY"),
+        make_vqa_row("b2", ["b.png"], "Is this a CT?", "no", CLOSED),  # asked twice: kept once
+        {"id": "bad", "images": ["b.png"], "messages": [{"role": "user", "content": "only a question"}]},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text(vqa_file.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    out = tmp_path / "sub" / "grouped.jsonl"
+    argv = ["--input", str(src), "--output", str(out), "--max-turns", "3", "--seed", "1"]
+    assert group_turns.main(argv) == 0
+    rows = read_rows(out)
+    for row in rows:
+        assert validate_row(row, out.parent) == [], row  # image paths rebased to the output's folder
+        assert row["images"] in (["../a.png"], ["../b.png"])
+    ids = sorted(i for r in rows for i in r["source_ids"])
+    assert ids == ["b1", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"]  # b2 duplicate, "bad" rejected
+    a_rows = [r for r in rows if r["images"] == ["../a.png"]]
+    assert sorted(len(r["source_ids"]) for r in a_rows) == [2, 3, 3]
+    for row in rows:
+        users = [m for m in row["messages"] if m["role"] == "user"]
+        assert [p["type"] for p in users[0]["content"]] == ["image", "text"]
+        assert all(p["type"] == "text" for u in users[1:] for p in u["content"])
+        assert len(users) == len(row["answer_types"]) == len(row["question_types"]) == len(row["source_ids"])
+    rejected = read_rows(out.with_suffix(".rejected.jsonl"))
+    assert [r["row"]["id"] for r in rejected] == ["bad"]
+    assert group_turns.main(argv) == 0 and read_rows(out) == rows  # same seed, same rows

@@ -506,3 +506,16 @@ def test_cluster_qlora_recipe_on_gpu(data, tmp_path):
         ],
     )
     assert len(_losses(main(script, training, model))) == 2
+
+
+def test_answer_suffix_on_every_turn_of_a_grouped_row():
+    from eval.generate import DEFAULT_SUFFIXES
+    from train.common import add_answer_suffix
+
+    row = {"id": "g", "images": ["a.png"], "answer_types": ["OPEN", "CLOSED"]}
+    row["messages"] = [_user("Which side?"), _assistant("left"), _user("Is it large?"), _assistant("no")]
+    out = add_answer_suffix(row)
+    users = [m["content"][-1]["text"] for m in out["messages"] if m["role"] == "user"]
+    assert users == ["Which side? " + DEFAULT_SUFFIXES["OPEN"], "Is it large? " + DEFAULT_SUFFIXES["CLOSED"]]
+    assert add_answer_suffix(out) == out and row["messages"][0]["content"][-1]["text"] == "Which side?"
+    assert [m["content"][-1]["text"] for m in out["messages"] if m["role"] == "assistant"] == ["left", "no"]

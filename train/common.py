@@ -185,15 +185,21 @@ def load_rows(path: str | Path, image_root: str | Path | None = None, limit: int
 
 
 def add_answer_suffix(row: dict) -> dict:
-    """The row with eval's instruction for its answer type appended to its last user turn (once)."""
-    suffix = DEFAULT_SUFFIXES.get(row.get("answer_type"))
+    """The row with eval's instruction for its answer type appended to its last user turn (once). Rows merged by
+    data_pipelines.group_turns carry `answer_types`, one per user turn: every turn gets its own instruction."""
     key = "messages" if "messages" in row else "prompt"
-    if not suffix or key not in row:
+    if key not in row:
         return row
-    last_user = next((m for m in reversed(row[key]) if m.get("role") == "user"), None)
-    if last_user is None or message_text(last_user).rstrip().endswith(suffix):
-        return row
-    return {**row, key: with_suffix(row[key], suffix)}
+    users = [i for i, m in enumerate(row[key]) if m.get("role") == "user"]
+    types = row.get("answer_types")
+    if not isinstance(types, list) or len(types) != len(users):
+        types = [None] * (len(users) - 1) + [row.get("answer_type")] if users else []
+    messages = list(row[key])
+    for i, answer_type in zip(users, types, strict=True):
+        suffix = DEFAULT_SUFFIXES.get(answer_type)
+        if suffix and not message_text(messages[i]).rstrip().endswith(suffix):
+            messages[i] = with_suffix([messages[i]], suffix)[0]
+    return {**row, key: messages} if messages != row[key] else row
 
 
 def drop_long_rows(rows: list[dict], processor, max_length: int | None, path) -> tuple[list[dict], int]:
