@@ -519,3 +519,11 @@ def test_answer_suffix_on_every_turn_of_a_grouped_row():
     assert users == ["Which side? " + DEFAULT_SUFFIXES["OPEN"], "Is it large? " + DEFAULT_SUFFIXES["CLOSED"]]
     assert add_answer_suffix(out) == out and row["messages"][0]["content"][-1]["text"] == "Which side?"
     assert [m["content"][-1]["text"] for m in out["messages"] if m["role"] == "assistant"] == ["left", "no"]
+
+
+def test_projector_lr_is_the_projectors_own(data, tmp_path):
+    # learning_rate 0 for everything but the projector: only the projector may change
+    run_sft(data, tmp_path / "out", stage="instruct", learning_rate=0.0, projector_lr=1e-2)
+    changed = changed_by_part(load_llava(data["model"]), load_llava(tmp_path / "out"))
+    assert changed["llm"][0] == 0 and changed["vision"][0] == 0, changed
+    assert changed["projector"][0] == changed["projector"][1] > 0, changed

@@ -24,7 +24,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from eval.generate import DEFAULT_SUFFIXES, with_suffix
-from medllava.modeling import freeze_for_stage, model_parts
+from medllava.modeling import PROJECTOR_MODULE, freeze_for_stage, model_parts
 from medllava.processing import load_image, message_text
 from medllava.schema import SchemaError, read_jsonl, resolve_image, row_kind, token_length, validate_structure
 from train.configs import NO_RESUME
@@ -339,7 +339,27 @@ def find_checkpoint(output_dir: str | Path, requested: str | None = None) -> str
 
 
 class CheckpointMixin:
-    """Mixed into TRL's trainers: atomic checkpoint directories and strict weight loading on resume."""
+    """Mixed into TRL's trainers: atomic checkpoint directories and strict weight loading on resume, and the
+    projector's own learning rate (`projector_lr`, LLaVA's mm_projector_lr: transformers' Trainer has one rate)."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.args, "projector_lr", None)
+        if lr is None or getattr(self, "_projector_groups", False):
+            return optimizer
+        model = self.model if model is None else model
+        projector = {id(p) for n, p in model.named_parameters() if PROJECTOR_MODULE in n}
+        groups = []
+        for group in optimizer.param_groups:  # each Trainer group (decay / no decay) split in two
+            rest = [p for p in group["params"] if id(p) not in projector]
+            own = [p for p in group["params"] if id(p) in projector]
+            groups += [{**group, "params": ps, "lr": r} for ps, r in ((rest, group["lr"]), (own, lr)) if ps]
+        optimizer.param_groups.clear()  # no step taken yet: there is no per-parameter state to move
+        for group in groups:
+            optimizer.add_param_group(group)
+        self._projector_groups = True
+        logger.info("projector learning rate %g (others %g)", lr, self.args.learning_rate)
+        return optimizer
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)

@@ -133,6 +133,16 @@ class ModelConfig(trl.ModelConfig):
             )
 
 
+def projector_lr_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the projector's parameters (LLaVA's mm_projector_lr); default: learning_rate. "
+            "Same schedule as the other parameters."
+        },
+    )
+
+
 def _use_cpu_without_cuda(args) -> None:
     # transformers refuses bf16 on a machine without CUDA unless use_cpu is set, and two CPU processes only form a
     # DDP group (gloo) with use_cpu; so a machine without CUDA always trains with use_cpu.
@@ -155,6 +165,7 @@ class SFTConfig(trl.SFTConfig):
         metadata={"help": "skip_prepare_dataset: the collator renders and tokenises each batch itself."},
     )
     report_to: None | str | list[str] = field(default="tensorboard")
+    projector_lr: float | None = projector_lr_field()
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)
@@ -179,6 +190,7 @@ class DPOConfig(trl.DPOConfig):
         default=False, metadata={"help": "Must stay false (images are loaded lazily)."}
     )
     report_to: None | str | list[str] = field(default="tensorboard")
+    projector_lr: float | None = projector_lr_field()
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)
@@ -193,6 +205,7 @@ class DPOConfig(trl.DPOConfig):
 @dataclass
 class GRPOConfig(trl.GRPOConfig):
     report_to: None | str | list[str] = field(default="tensorboard")
+    projector_lr: float | None = projector_lr_field()
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)
