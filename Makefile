@@ -6,13 +6,6 @@ PIP := $(VENV)/bin/pip
 export MEDLLAVA_HOME ?= $(HOME)/.cache/medllava
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
-# glibc malloc keeps freed memory instead of handing it back to the kernel after every step: by default, CPU
-# training and batched generation spend a large share of their time in the kernel zeroing fresh pages for the
-# same activations again (stage 3 on grouped VQA: 23 -> 14 s per step; `python -m bench.train_throughput
-# --malloc both` measures it). No effect outside glibc. bench/train_throughput.py KEEP_MALLOC holds the same values.
-export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
-export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
-export MALLOC_TOP_PAD_ ?= 1073741824
 # Machines without an NVIDIA GPU get the CPU build of torch (a plain `torch` from PyPI is a multi-GB CUDA build).
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

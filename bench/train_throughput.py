@@ -6,7 +6,7 @@ Each configuration runs in its own process (so peak RSS is its own) with the tra
 one image at the base's resolution. Reports the median step of `--steps` after one warm-up step, and whether the
 machine was quiet (CPU time used by other processes during the run, from /proc/stat).
 
-`--malloc both` runs every configuration twice: with glibc's default malloc and with the Makefile's settings
+`--malloc both` runs every configuration twice: with glibc's default malloc and with mk/malloc.mk's settings
 that keep freed memory (MALLOC_* below), and reports the share of CPU time spent in the kernel for each.
 
 Usage:
@@ -20,24 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CONFIGS = {"stage1": "align", "stage2/3": "instruct"}
 # shared/PERFORMANCE.md: training bound by compute for the 135M LLM (6 x params FLOP per token), 2 threads
 COMPUTE_BOUND_TOK_S = {"bf16": 527.0, "fp32": 248.0}
 
 
-# The Makefile exports these (glibc: keep freed memory instead of returning it to the kernel after each step).
-KEEP_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
+# What `make` exports (glibc: keep freed memory instead of returning it to the kernel after each step), read
+# from the one file that sets it.
+MALLOC_MK = Path(__file__).resolve().parents[1] / "mk" / "malloc.mk"
+KEEP_MALLOC = dict(re.findall(r"^export (MALLOC_\w+) \?= (\S+)$", MALLOC_MK.read_text(), re.MULTILINE))
 
 
 def malloc_env(mode: str) -> dict:
@@ -155,7 +155,7 @@ def parse_args(argv=None):
         "--malloc",
         choices=["keep", "default", "both"],
         default="keep",
-        help="glibc malloc settings of the child processes: the Makefile's (keep), glibc's defaults, or both",
+        help="glibc malloc settings of the child processes: mk/malloc.mk's (keep), glibc's defaults, or both",
     )
     parser.add_argument("--stage", choices=sorted(CONFIGS.values()), help=argparse.SUPPRESS)  # child process
     return parser.parse_args(argv)

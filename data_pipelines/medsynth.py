@@ -57,11 +57,8 @@ DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 280}
 DEFAULT_ROWS = {
     "captions": {"train": 1500, "val": 100, "test": 150},
     "instruct": {"train": 1000, "val": 100, "test": 150},
-    "vqa": {
-        "train": 12000,
-        "val": 300,
-        "test": 600,
-    },  # train: ~8 questions per image (data_pipelines.group_turns)
+    # train: ~8 questions per image, merged into conversations by data_pipelines.group_turns for stage 3
+    "vqa": {"train": 12000, "val": 300, "test": 600},
     "grpo": {"train": 600, "val": 100, "test": 200},
 }
 

@@ -31,7 +31,7 @@ train-stage1: ## stage 1 (align, projector only) from the default base on medsyn
 train-stage2: ## stage 2 (instruct: projector + LLM) on medsynth conversations, from stage 1's output
 	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage2_instruct.yaml)
 
-train-stage3: ## stage 3 (specialist VQA, full) from stage 2's output; RECIPE=...stage3_specialist_lora.yaml for LoRA
+train-stage3: ## stage 3 (specialist VQA, full) from stage 2's output; make train-stage3-lora for LoRA
 	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage3_specialist.yaml)
 
 # Stage 3's LoRA recipe trains on the VQA rows merged per image (several questions per conversation).
