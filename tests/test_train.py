@@ -256,6 +256,8 @@ def test_over_long_rows_are_dropped_and_counted(data):
     assert report["dropped_too_long"] == sum(n > limit for n in lengths) >= 1
     assert len(dataset) == report["kept"] == len(lengths) - report["dropped_too_long"]
     assert "multi" not in dataset["id"]
+    # the kept rows' token counts, for train_sampling_strategy: group_by_length
+    assert dataset["length"] == [n for n in lengths if n <= limit]
 
 
 def test_answer_suffix_matches_the_eval_prompt(data):
@@ -314,7 +316,7 @@ main(*TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config
 """
 
 
-def _cli(script, training, model) -> list[str]:
+def _cli(script, training, model, **extra) -> list[str]:
     args = [
         "--train_file",
         script.train_file,
@@ -333,6 +335,8 @@ def _cli(script, training, model) -> list[str]:
         args += [f"--{key}", str(value)]
     if model.use_peft:
         args += ["--use_peft", "true", "--lora_r", str(model.lora_r), "--lora_alpha", str(model.lora_alpha)]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
     return args
 
 
@@ -341,17 +345,24 @@ def _losses(report) -> dict[int, float]:
 
 
 @pytest.mark.parametrize(
-    "use_peft", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"]
+    "use_peft,sampling",
+    [
+        (False, "random"),
+        (False, "group_by_length"),  # batches of similar length (the starter's stage 3)
+        pytest.param(True, "random", marks=pytest.mark.slow),
+    ],
+    ids=["full", "full-grouped", "lora"],
 )
-def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft):
-    uninterrupted = run_sft(data, tmp_path / "full", max_steps=4, use_peft=use_peft)
+def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, sampling):
+    extra = {"train_sampling_strategy": sampling}
+    uninterrupted = run_sft(data, tmp_path / "full", max_steps=4, use_peft=use_peft, **extra)
 
     killed = tmp_path / "killed"
     script = tmp_path / "kill_sft.py"
     script.write_text(KILL_SCRIPT)
     env = os.environ | {"KILL_AT_STEP": "3"}
     proc = subprocess.run(
-        [sys.executable, str(script), *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft))],
+        [sys.executable, str(script), *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft), **extra)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 17, proc.stderr[-3000:]
@@ -359,7 +370,7 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft):
     assert not (killed / "model.safetensors").exists()
 
     resumed = run_sft(
-        data, killed, max_steps=4, use_peft=use_peft
+        data, killed, max_steps=4, use_peft=use_peft, **extra
     )  # the same command again: from checkpoint-2
     assert resumed["resumed_from"].endswith("checkpoint-2")
     full_losses, resumed_losses = _losses(uninterrupted), _losses(resumed)

@@ -202,11 +202,16 @@ def add_answer_suffix(row: dict) -> dict:
     return {**row, key: messages} if messages != row[key] else row
 
 
-def drop_long_rows(rows: list[dict], processor, max_length: int | None, path) -> tuple[list[dict], int]:
-    """Rows longer than max_length tokens (after image expansion) are dropped and counted, never truncated."""
+def drop_long_rows(
+    rows: list[dict], processor, max_length: int | None, path
+) -> tuple[list[dict], int, list[int]]:
+    """(kept rows, how many were dropped, the kept rows' token lengths after image expansion).
+
+    Rows longer than max_length tokens are dropped and counted, never truncated."""
+    lengths = [token_length(row, processor) for row in rows]
     if max_length is None:
-        return rows, 0
-    kept = [row for row in rows if token_length(row, processor) <= max_length]
+        return rows, 0, lengths
+    kept = [(row, n) for row, n in zip(rows, lengths, strict=True) if n <= max_length]
     dropped = len(rows) - len(kept)
     if dropped:
         logger.warning(
@@ -218,7 +223,7 @@ def drop_long_rows(rows: list[dict], processor, max_length: int | None, path) ->
         )
     if not kept:
         raise ValueError(f"{path}: every row is longer than max_length={max_length}; raise max_length")
-    return kept, dropped
+    return [row for row, _ in kept], dropped, [n for _, n in kept]
 
 
 def _load_images_transform(batch: dict) -> dict:
@@ -246,8 +251,12 @@ def get_dataset(path, processor, script_args, max_length: int | None, kind: str,
     kinds = Counter(row_kind(row) for row in rows)
     if set(kinds) != {kind}:
         raise SchemaError(f"{path}: {kind} rows expected, found {dict(kinds)}")
-    rows, dropped = drop_long_rows(rows, processor, max_length, path)
+    rows, dropped, lengths = drop_long_rows(rows, processor, max_length, path)
     dataset = Dataset.from_list(rows)
+    if kind == "sft":
+        # Token counts for `train_sampling_strategy: group_by_length` (the Trainer reads `length_column_name`;
+        # without the column it would tokenise every row again, and it cannot: SFT rows are untokenised here).
+        dataset = dataset.add_column("length", lengths)
     if load_images:
         dataset = lazy_images(dataset)
     report = {"file": str(path), "rows": len(rows) + dropped, "kept": len(rows), "dropped_too_long": dropped}
