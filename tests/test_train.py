@@ -350,8 +350,9 @@ def _losses(report) -> dict[int, float]:
         (False, "random"),
         (False, "group_by_length"),  # batches of similar length (the starter's stage 3)
         pytest.param(True, "random", marks=pytest.mark.slow),
+        pytest.param(True, "group_by_length", marks=pytest.mark.slow),
     ],
-    ids=["full", "full-grouped", "lora"],
+    ids=["full", "full-grouped", "lora", "lora-grouped"],
 )
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, sampling):
     extra = {"train_sampling_strategy": sampling}
