@@ -114,32 +114,34 @@ def run(
         paths = [data / inst["image"] for inst in instances]
         splits[split] = (instances, image_features(model, processor, paths, layers))
     (tr_inst, tr_feats), (te_inst, te_feats) = splits[train], splits[test]
+    labels = {}  # fact -> (train rows, train labels, test rows, test labels): the same for every layer
+    for fact in FACTS:
+        tr = [(i, v) for i, inst in enumerate(tr_inst) if (v := fact_value(inst, fact)) is not None]
+        classes = sorted({v for _, v in tr}, key=str)
+        # a test value never seen in train can't be probed
+        te = [(i, v) for i, inst in enumerate(te_inst) if (v := fact_value(inst, fact)) in classes]
+        if len(classes) < 2 or not te:
+            continue
+        index = {v: k for k, v in enumerate(classes)}
+        labels[fact] = (
+            [i for i, _ in tr],
+            torch.tensor([index[v] for _, v in tr]),
+            [i for i, _ in te],
+            torch.tensor([index[v] for _, v in te]),
+        )
     results = []
     for layer in layers:
         for pooling in ("mean", "grid"):
             row = {"layer": layer, "pooling": pooling, "facts": {}}
-            for fact in FACTS:
-                tr = [(i, fact_value(inst, fact)) for i, inst in enumerate(tr_inst)]
-                te = [(i, fact_value(inst, fact)) for i, inst in enumerate(te_inst)]
-                tr = [(i, v) for i, v in tr if v is not None]
-                te = [(i, v) for i, v in te if v is not None]
-                classes = sorted({v for _, v in tr}, key=str)
-                # a test value never seen in train can't be probed
-                te = [(i, v) for i, v in te if v in classes]
-                if len(classes) < 2 or not te:
-                    continue
-                index = {v: k for k, v in enumerate(classes)}
-                y_tr = torch.tensor([index[v] for _, v in tr])
-                y_te = torch.tensor([index[v] for _, v in te])
-                x_tr = tr_feats[layer][pooling][[i for i, _ in tr]]
-                x_te = te_feats[layer][pooling][[i for i, _ in te]]
+            for fact, (i_tr, y_tr, i_te, y_te) in labels.items():
+                x_tr, x_te = tr_feats[layer][pooling][i_tr], te_feats[layer][pooling][i_te]
                 predicted = fit_probe(x_tr, y_tr, x_te, epochs=epochs)
                 majority = Counter(y_tr.tolist()).most_common(1)[0][0]
                 row["facts"][fact] = {
                     "accuracy": float((predicted == y_te).float().mean()),
                     "majority": float((y_te == majority).float().mean()),
-                    "n_train": len(tr),
-                    "n_test": len(te),
+                    "n_train": len(i_tr),
+                    "n_test": len(i_te),
                 }
             results.append(row)
     return {"data": str(data), "train": train, "test": test, "epochs": epochs, "probes": results}

@@ -203,12 +203,10 @@ def add_answer_suffix(row: dict) -> dict:
 
 
 def drop_long_rows(
-    rows: list[dict], processor, max_length: int | None, path
+    rows: list[dict], lengths: list[int], max_length: int | None, path
 ) -> tuple[list[dict], int, list[int]]:
-    """(kept rows, how many were dropped, the kept rows' token lengths after image expansion).
-
-    Rows longer than max_length tokens are dropped and counted, never truncated."""
-    lengths = [token_length(row, processor) for row in rows]
+    """(kept rows, how many were dropped, their token lengths), given each row's token length after image
+    expansion. Rows longer than max_length tokens are dropped and counted, never truncated."""
     if max_length is None:
         return rows, 0, lengths
     kept = [(row, n) for row, n in zip(rows, lengths, strict=True) if n <= max_length]
@@ -251,11 +249,14 @@ def get_dataset(path, processor, script_args, max_length: int | None, kind: str,
     kinds = Counter(row_kind(row) for row in rows)
     if set(kinds) != {kind}:
         raise SchemaError(f"{path}: {kind} rows expected, found {dict(kinds)}")
-    rows, dropped, lengths = drop_long_rows(rows, processor, max_length, path)
+    # SFT rows get a `length` column for `train_sampling_strategy: group_by_length` (the Trainer reads
+    # `length_column_name`; without it the Trainer would look for input_ids, and SFT rows are untokenised here).
+    # Other kinds need lengths only to check max_length.
+    needs_lengths = kind == "sft" or max_length is not None
+    lengths = [token_length(row, processor) for row in rows] if needs_lengths else [0] * len(rows)
+    rows, dropped, lengths = drop_long_rows(rows, lengths, max_length, path)
     dataset = Dataset.from_list(rows)
     if kind == "sft":
-        # Token counts for `train_sampling_strategy: group_by_length` (the Trainer reads `length_column_name`;
-        # without the column it would tokenise every row again, and it cannot: SFT rows are untokenised here).
         dataset = dataset.add_column("length", lengths)
     if load_images:
         dataset = lazy_images(dataset)
