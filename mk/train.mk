@@ -34,12 +34,13 @@ train-stage2: ## stage 2 (instruct: projector + LLM) on medsynth conversations, 
 train-stage3: ## stage 3 (specialist VQA, full) from stage 2's output; make train-stage3-lora for LoRA
 	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage3_specialist.yaml)
 
-# Stage 3's LoRA recipe trains on the VQA rows merged per image (several questions per conversation).
-$(MEDSYNTH)/vqa_train_grouped.jsonl: $(MEDSYNTH)/vqa_train.jsonl
-	$(PY) -m data_pipelines.group_turns --input $< --output $@ --max-turns 8 --seed 0
+# Stage 3's LoRA recipe trains on the VQA rows merged per image (all of an image's questions, up to 16, in one
+# conversation).
+$(MEDSYNTH)/vqa_train_g16.jsonl: $(MEDSYNTH)/vqa_train.jsonl
+	$(PY) -m data_pipelines.group_turns --input $< --output $@ --max-turns 16 --seed 0
 
 train-stage3-lora: ## stage 3 with LoRA on the LLM (merged model + adapter/), from stage 2's output
-	@if [ -z "$(RECIPE)" ]; then $(MAKE) --no-print-directory $(MEDSYNTH)/vqa_train_grouped.jsonl; fi
+	@if [ -z "$(RECIPE)" ]; then $(MAKE) --no-print-directory $(MEDSYNTH)/vqa_train_g16.jsonl; fi
 	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage3_specialist_lora.yaml)
 
 $(MEDSYNTH)/dpo_train.jsonl: $(MEDSYNTH)/vqa_train.jsonl
@@ -59,7 +60,7 @@ train-grpo: ## GRPO with format + accuracy rewards on medsynth prompts, from DPO
 # STARTER_OUT moves every output; ARGS applies to every stage (e.g. ARGS='--max_steps 2' for a smoke run).
 train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3 -> DPO), its delta in medllava/starter/, eval
 	@test -f $(MEDSYNTH)/captions_train.jsonl || { echo "no $(MEDSYNTH)/captions_train.jsonl: run 'make data' first"; exit 1; }
-	$(MAKE) --no-print-directory $(MEDSYNTH)/dpo_train.jsonl $(MEDSYNTH)/vqa_train_grouped.jsonl
+	$(MAKE) --no-print-directory $(MEDSYNTH)/dpo_train.jsonl $(MEDSYNTH)/vqa_train_g16.jsonl
 	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage1_align.yaml --output_dir $(STARTER_OUT)/stage1_align $(ARGS)
 	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage2_instruct_lora.yaml --model_name_or_path $(STARTER_OUT)/stage1_align --output_dir $(STARTER_OUT)/stage2_instruct $(ARGS)
 	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage3_specialist_lora.yaml --model_name_or_path $(STARTER_OUT)/stage2_instruct --output_dir $(STARTER_OUT)/stage3_specialist_lora $(ARGS)

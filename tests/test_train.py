@@ -174,6 +174,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
     [
         ({"stage": "nope"}, "stage"),
         ({"train_file": None}, "train_file"),
+        ({"malloc_trim_gib": 0}, "malloc_trim_gib"),
     ],
 )
 def test_script_arguments_are_validated(overrides, message):
@@ -539,3 +540,55 @@ def test_projector_lr_is_the_projectors_own(data, tmp_path):
     changed = changed_by_part(load_llava(data["model"]), load_llava(tmp_path / "out"))
     assert changed["llm"][0] == 0 and changed["vision"][0] == 0, changed
     assert changed["projector"][0] == changed["projector"][1] > 0, changed
+
+
+def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss(monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    from medllava.processing import AssistantOnlyCollator
+    from train.common import score_labelled_positions_only
+
+    model, processor = tiny_model()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    rows = [
+        {"images": [random_image(i)], "messages": [_user("What is it?"), _assistant("a scan" * (i + 1))]}
+        for i in range(3)
+    ]
+    batch = AssistantOnlyCollator(processor)(rows)
+    rows_projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows_projected.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    # TRL's own test, whatever an earlier in-process training run switched (restored after the test)
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
+    full = model(**batch, fused_lm_head=True)
+    assert score_labelled_positions_only() and score_labelled_positions_only()  # idempotent
+    compact = model(**batch, fused_lm_head=True)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    positions = batch["labels"][:, 1:].numel()
+    assert rows_projected == [positions, labelled] and labelled < positions / 2
+    for name in ("loss", "log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(compact, name), getattr(full, name), rtol=1e-5, atol=1e-6)
+
+
+def test_malloc_trim_runs_only_above_the_resident_limit(caplog):
+    from types import SimpleNamespace
+
+    from train.common import MallocTrimCallback, resident_bytes
+
+    assert resident_bytes() > 2**20
+    state = SimpleNamespace(global_step=3)
+    never = MallocTrimCallback(limit_gib=1e6)
+    never.on_step_end(None, state, None)
+    assert never.trims == 0
+    always = MallocTrimCallback(limit_gib=1e-6)
+    garbage = [bytearray(2**16) for _ in range(2000)]  # ~130 MB of small heap blocks, then freed
+    del garbage
+    with caplog.at_level(logging.INFO, logger="medllava.train"):
+        always.on_step_end(None, state, None)
+    assert always.trims == 1 and "step 3: resident" in caplog.text and "malloc_trim ->" in caplog.text

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from eval.generate import DEFAULT_SUFFIXES, with_suffix
@@ -97,10 +98,41 @@ def get_peft_config(model_args):
     )
 
 
+def score_labelled_positions_only() -> bool:
+    """Make TRL's fused LM head project only the positions that carry a label on CPU too.
+
+    TRL's trainers compute the loss through `add_fused_lm_head`, which on CUDA/XPU runs the LM head only on the
+    positions whose next token is labelled but elsewhere scores every position (TRL's reason: fixed tile shapes,
+    so Neuron does not recompile on every batch). Eager CPU has no compilation to protect, and in VQA training
+    ~90% of positions (image, system prompt, questions) carry no label: the LM head over SmolLM2's 49,152-token
+    vocabulary is a fifth of a step's matrix work. Same loss, same metrics; a grouped stage-3 step of the starter
+    went from 20.6 to 16.1 s (docs/train.md). TRL has no option for it, hence this switch of its private test;
+    returns False (and changes nothing) if a TRL version no longer has it.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or not hasattr(trl_utils, "add_fused_lm_head"):
+        logger.warning("this TRL has no fused LM head switch: every position is scored on CPU")
+        return False
+    if getattr(original, "_medllava_compact_cpu", False):
+        return True
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact._medllava_compact_cpu = True
+    trl_utils._use_triton = compact
+    return True
+
+
 def get_model(model_args, script_args, training_args):
     """(model, processor): load, freeze for the stage, and wrap in LoRA if asked. Logs the trainable counts."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration, set_seed
 
+    score_labelled_positions_only()
     set_seed(training_args.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
     path = resolve_model_path(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -431,8 +463,57 @@ def resume_checkpoint(training_args) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class MallocTrimCallback(TrainerCallback):
+    """After a step that leaves the process above `limit_gib` resident, hand glibc's free heap pages back.
+
+    Why by hand: mk/malloc.mk keeps freed memory (no page faults for the next step's activations), but with
+    batches of very different lengths the kept heap fragments and grows step after step (docs/train.md: 24 GiB at
+    step 138 of a length-grouped stage 3). glibc's malloc_trim(0) returns every free page, not just the heap's
+    top; the next step faults its pages in again, so this only runs above the limit. No-op outside glibc.
+    """
+
+    def __init__(self, limit_gib: float):
+        import ctypes
+        import ctypes.util
+
+        self.limit = int(limit_gib * 2**30)
+        self.trims = 0
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+            logger.warning("malloc_trim is not available (not glibc): malloc_trim_gib has no effect")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rss = resident_bytes()
+        if self._trim is None or rss <= self.limit:
+            return
+        self._trim(0)
+        self.trims += 1
+        logger.info(
+            "step %d: resident %.1f GiB > %.1f GiB, malloc_trim -> %.1f GiB",
+            state.global_step,
+            rss / 2**30,
+            self.limit / 2**30,
+            resident_bytes() / 2**30,
+        )
+
+
 def train_and_save(trainer, script_args, training_args, processor, report: dict) -> dict:
     """Train (resuming if a checkpoint exists), then save the final model, the loss curve and a report."""
+    trim = None
+    if script_args.malloc_trim_gib:
+        trim = MallocTrimCallback(script_args.malloc_trim_gib)
+        trainer.add_callback(trim)
     checkpoint = resume_checkpoint(training_args)
     report = {**report, "trainable": trainable_by_part(trainer.model)}
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -440,6 +521,7 @@ def train_and_save(trainer, script_args, training_args, processor, report: dict)
     report = {
         **report,
         "resumed_from": checkpoint,
+        "malloc_trims": trim.trims if trim else None,
         "metrics": result.metrics,
         "world_size": state.num_processes,
         "distributed_type": str(state.distributed_type),

@@ -55,6 +55,13 @@ class ScriptArguments(trl.ScriptArguments):
             "asks."
         },
     )
+    malloc_trim_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "After a training step that leaves the process above this many GiB resident, return glibc's "
+            "free heap pages to the kernel (malloc_trim; see docs/train.md on memory). Default: never."
+        },
+    )
     merge_lora: bool = field(
         default=True,
         metadata={
@@ -73,6 +80,8 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(
                 "train_file is required (a schema JSONL file, e.g. data/medsynth/instruct_train.jsonl)"
             )
+        if self.malloc_trim_gib is not None and self.malloc_trim_gib <= 0:
+            raise ValueError(f"malloc_trim_gib must be > 0 GiB, got {self.malloc_trim_gib}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
 
