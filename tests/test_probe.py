@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.probe import FACTS, fact_value, fit_probe, main
+from eval.probe import FACTS, fact_value, fit_mlp_probe, fit_probe, main
 
 
 def test_fit_probe_learns_a_separable_rule_and_not_noise():
@@ -47,9 +47,18 @@ def test_probe_reads_image_facts_from_the_tower(tiny_model_dir, tmp_path):
             Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / rows[-1]["image"])
         (tmp_path / f"instances_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "probe.json"
-    main(["--model", str(tiny_model_dir), "--data", str(tmp_path), "--epochs", "100", "--output", str(out)])
+    (tmp_path / "instances_val.jsonl").write_text((tmp_path / "instances_test.jsonl").read_text())
+    main(
+        ["--model", str(tiny_model_dir), "--data", str(tmp_path), "--epochs", "100", "--probe", "both"]
+        + ["--mlp-epochs", "10", "--output", str(out)]
+    )
     result = json.loads(out.read_text())
-    assert [(p["layer"], p["pooling"]) for p in result["probes"]] == [(-2, "mean"), (-2, "grid")]
+    assert [(p["layer"], p["probe"], p["pooling"]) for p in result["probes"]] == [
+        (-2, "linear", "mean"),
+        (-2, "linear", "grid"),
+        (-2, "mlp", "tokens"),
+    ]
+    assert result["probes"][2]["facts"]["modality"]["accuracy"] == 1.0
     facts = result["probes"][0]["facts"]
     # one-valued facts (region, position, contrast) cannot be probed and are left out, not scored
     assert set(facts) == {"modality", "present", "count", "side", "size"}
@@ -63,3 +72,19 @@ def test_fact_values():
     assert fact_value(inst, "present") is False and fact_value(inst, "side") is None
     assert fact_value(_instance(1, "train", False, True), "side") == "left"
     assert set(FACTS) >= {"modality", "count", "side"}
+
+
+def test_mlp_probe_reads_where_a_token_is_and_not_noise():
+    # one "lesion" token among 16: the class is whether it sits in the first or the second half of the grid,
+    # which no pooled linear feature shows
+    generator = torch.Generator().manual_seed(0)
+    n, tokens, dim = 500, 16, 8
+    x = torch.randn(n, tokens, dim, generator=generator) * 0.1
+    where = torch.randint(0, tokens, (n,), generator=generator)
+    x[torch.arange(n), where, 0] += 3.0
+    y = (where >= tokens // 2).long()
+    predicted, epoch = fit_mlp_probe(x[:300], y[:300], x[300:400], y[300:400], x[400:], epochs=40, lr=3e-3)
+    assert (predicted == y[400:]).float().mean() >= 0.9 and 1 <= epoch <= 40
+    noise = torch.randint(0, 2, (n,), generator=generator)
+    predicted, _ = fit_mlp_probe(x[:300], noise[:300], x[300:400], noise[300:400], x[400:], epochs=20)
+    assert 0.3 <= (predicted == noise[400:]).float().mean() <= 0.7

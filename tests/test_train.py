@@ -569,9 +569,11 @@ def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss(mon
     full = model(**batch, fused_lm_head=True)
     assert score_labelled_positions_only() and score_labelled_positions_only()  # idempotent
     compact = model(**batch, fused_lm_head=True)
+    assert not score_labelled_positions_only(enabled=False)  # TRL's own test is back
+    model(**batch, fused_lm_head=True)
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     positions = batch["labels"][:, 1:].numel()
-    assert rows_projected == [positions, labelled] and labelled < positions / 2
+    assert rows_projected == [positions, labelled, positions] and labelled < positions / 2
     for name in ("loss", "log_probs", "entropy", "is_top1"):
         torch.testing.assert_close(getattr(compact, name), getattr(full, name), rtol=1e-5, atol=1e-6)
 

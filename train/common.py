@@ -98,32 +98,36 @@ def get_peft_config(model_args):
     )
 
 
-def score_labelled_positions_only() -> bool:
-    """Make TRL's fused LM head project only the positions that carry a label on CPU too.
+def score_labelled_positions_only(enabled: bool = True) -> bool:
+    """Make TRL's fused LM head project only the positions that carry a label on CPU too (or, with
+    `enabled=False`, put TRL's own test back). Returns whether labelled-only scoring is on.
 
     TRL's trainers compute the loss through `add_fused_lm_head`, which on CUDA/XPU runs the LM head only on the
     positions whose next token is labelled but elsewhere scores every position (TRL's reason: fixed tile shapes,
     so Neuron does not recompile on every batch). Eager CPU has no compilation to protect, and in VQA training
     ~90% of positions (image, system prompt, questions) carry no label: the LM head over SmolLM2's 49,152-token
     vocabulary is a fifth of a step's matrix work. Same loss, same metrics; a grouped stage-3 step of the starter
-    went from 20.6 to 16.1 s (docs/train.md). TRL has no option for it, hence this switch of its private test;
-    returns False (and changes nothing) if a TRL version no longer has it.
+    went from 20.6 to 16.1 s (docs/train.md). TRL has no option for it, hence this switch of its private test
+    (recipes: `lm_head_labelled_only`); a TRL version without that test is left alone, with a warning.
     """
     try:
         import trl.trainer.utils as trl_utils
     except ImportError:  # pragma: no cover - TRL is a dependency
         return False
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or not hasattr(trl_utils, "add_fused_lm_head"):
-        logger.warning("this TRL has no fused LM head switch: every position is scored on CPU")
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None or not hasattr(trl_utils, "add_fused_lm_head"):
+        if enabled:
+            logger.warning("this TRL has no fused LM head test to switch: every position is scored on CPU")
         return False
-    if getattr(original, "_medllava_compact_cpu", False):
-        return True
+    original = getattr(current, "_medllava_original", current)
+    if not enabled:
+        trl_utils._use_triton = original
+        return False
 
     def compact(device: torch.device) -> bool:
         return device.type == "cpu" or original(device)
 
-    compact._medllava_compact_cpu = True
+    compact._medllava_original = original
     trl_utils._use_triton = compact
     return True
 
@@ -132,8 +136,8 @@ def get_model(model_args, script_args, training_args):
     """(model, processor): load, freeze for the stage, and wrap in LoRA if asked. Logs the trainable counts."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration, set_seed
 
-    score_labelled_positions_only()
     set_seed(training_args.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
+    score_labelled_positions_only(script_args.lm_head_labelled_only)
     path = resolve_model_path(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)

@@ -55,6 +55,13 @@ class ScriptArguments(trl.ScriptArguments):
             "asks."
         },
     )
+    lm_head_labelled_only: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU, run the LM head only on positions with a label, as TRL does on CUDA (false: TRL's "
+            "CPU default, every position; same loss, slower)."
+        },
+    )
     malloc_trim_gib: float | None = field(
         default=None,
         metadata={
