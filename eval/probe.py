@@ -65,9 +65,11 @@ def fact_value(instance: dict, fact: str):
 
 
 @torch.inference_mode()
-def image_features(model, processor, paths: list[Path], layers: list[int], batch_size: int = 32) -> dict:
-    """{layer: {"mean": (N, D), "grid": (N, g*g*D), "tokens": (N, T, D)}} of the patch tokens the Llava would
-    project (tokens: all of them, unpooled)."""
+def image_features(
+    model, processor, paths: list[Path], layers: list[int], batch_size: int = 32, tokens: bool = False
+) -> dict:
+    """{layer: {"mean": (N, D), "grid": (N, g*g*D)[, "tokens": (N, T, D)]}} of the patch tokens the Llava would
+    project (tokens, only if asked: all of them, unpooled, for the MLP probe)."""
     strategy = model.config.vision_feature_select_strategy
     tower = model.model.vision_tower
     out: dict[int, dict[str, list]] = {layer: {"mean": [], "grid": [], "tokens": []} for layer in layers}
@@ -86,8 +88,9 @@ def image_features(model, processor, paths: list[Path], layers: list[int], batch
             grid = torch.nn.functional.adaptive_avg_pool2d(grid, min(side, GRID))
             out[layer]["mean"].append(h.mean(1))
             out[layer]["grid"].append(grid.flatten(1))
-            out[layer]["tokens"].append(h.half())  # half: 1,500 images x 64 x 384 stay ~70 MB
-    return {layer: {k: torch.cat(v) for k, v in feats.items()} for layer, feats in out.items()}
+            if tokens:
+                out[layer]["tokens"].append(h.half())  # half: 1,500 images x 64 x 384 stay ~70 MB
+    return {layer: {k: torch.cat(v) for k, v in feats.items() if v} for layer, feats in out.items()}
 
 
 def fit_probe(
@@ -209,7 +212,7 @@ def run(
     for split in names:
         instances[split] = read_rows(data / f"instances_{split}.jsonl")
         paths = [data / inst["image"] for inst in instances[split]]
-        feats[split] = image_features(model, processor, paths, layers)
+        feats[split] = image_features(model, processor, paths, layers, tokens="mlp" in probes)
     # fact -> {split: (rows, labels)}: the same for every layer
     labels = {fact: lab for fact in FACTS if (lab := fact_labels(fact, instances, train)) is not None}
     kinds = [(p, pooling) for p in probes for pooling in (("mean", "grid") if p == "linear" else ("tokens",))]
