@@ -8,7 +8,7 @@ Answers the same questions (the first N of --data if it exists, else synthetic r
 default base model on CPU, once one by one and once per batch size (in eval.generate's order: grouped by answer
 type and length), and prints questions/s, the speedup over one
 at a time, whether the answers are identical, and the work done as a fraction of the GEMM limit measured in the
-same run (FLOPs counted as 2 x parameters x tokens processed, attention ignored). The 1-minute load average is
+same run (FLOPs counted as 2 x weights x tokens of the matrix products that run, attention ignored). The 1-minute load average is
 printed before, after and at the end of each row: rows measured on a busy machine understate what it can do, and
 a load that changes during the run makes the speedups unreliable.
 """
@@ -70,13 +70,26 @@ def answer_all(model, processor, examples: list[dict], batch_size: int, max_new_
     return time.perf_counter() - start, completions
 
 
-def flops(model, completions) -> float:
-    """2 x parameters x tokens: LLM over prompt + generated tokens, vision tower over its patches."""
-    llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
-    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
-    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
+def linear_params(module) -> int:
+    """Weights that run as matrix products (Linear and Conv2d): embedding lookups, position tables and norms do
+    no GEMM work."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, kinds))
+
+
+def flops(model, processor, completions) -> float:
+    """2 x weights x tokens of the matrix products generation runs, attention scores ignored: the LLM's layers
+    over every prompt and generated token, its LM head once per generated token (generate scores only the last
+    position), and the vision tower over each image's patches at the processor's resolution (not the config's
+    image_size: the tower interpolates to the processor's grid)."""
+    layers = linear_params(model.model.language_model)
+    head = model.lm_head.weight.numel()
+    vision = linear_params(model.model.vision_tower)
+    size, patch = processor.image_processor.size, processor.patch_size
+    patches = (size["height"] // patch) * (size["width"] // patch) + processor.num_additional_image_tokens
     tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions)
-    return 2.0 * (llm * tokens + vision * patches * len(completions))
+    generated = sum(c.completion_tokens for c in completions)
+    return 2.0 * (layers * tokens + head * generated + vision * patches * len(completions))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     base_s, base = answer_all(model, processor, examples, 1, args.max_new_tokens)
     rows = [["one at a time (model_vqa)", 1, f"{base_s:.1f}", f"{len(examples) / base_s:.2f}", "1.00x", "-",
              f"{sum(c.completion_tokens for c in base) / base_s:.1f}", f"{os.getloadavg()[0]:.1f}"]]  # fmt: skip
-    fractions = [flops(model, base) / base_s]
+    fractions = [flops(model, processor, base) / base_s]
     order = eval_order(examples)
     for batch_size in args.batch_sizes:
         seconds, out = answer_all(
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([f"batched {batch_size}", batch_size, f"{seconds:.1f}", f"{len(examples) / seconds:.2f}",
                      f"{base_s / seconds:.2f}x", "yes" if same else "NO",
                      f"{sum(c.completion_tokens for c in out) / seconds:.1f}", f"{os.getloadavg()[0]:.1f}"])  # fmt: skip
-        fractions.append(flops(model, out) / seconds)
+        fractions.append(flops(model, processor, out) / seconds)
     after = machine_state()
     gflops_after = gemm_gflops(getattr(torch, args.dtype))
     limit = max(gflops_limit, gflops_after)

@@ -252,6 +252,15 @@ def run(
     }
 
 
+def set_image_size(processor, pixels: int) -> None:
+    """Make the processor resize to pixels x pixels. The DINOv2 tower interpolates its position embeddings to any
+    grid, so its features at another resolution need no retraining (the projector and LLM would)."""
+    patch = processor.patch_size
+    if pixels <= 0 or pixels % patch:
+        raise ValueError(f"--image-size {pixels}: must be a positive multiple of the patch size {patch}")
+    processor.image_processor.size = {"height": pixels, "width": pixels}
+
+
 def table(result: dict) -> str:
     facts = list(FACTS)
     lines = [
@@ -289,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mlp-epochs", type=int, default=60, help="epochs per MLP probe (val picks the best)"
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this many pixels a side instead of the processor's (a multiple of the patch size): "
+        "what a higher resolution would hand the LLM, before training one",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
     if args.model == "default":
@@ -296,12 +312,15 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = str(default_model_dir())
     model, processor = load(args.model)
+    if args.image_size is not None:
+        set_image_size(processor, args.image_size)
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer {layer!r}: give --layers")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [layer]
     probes = ("linear", "mlp") if args.probe == "both" else (args.probe,)
-    result = {"model": args.model} | run(
+    size = processor.image_processor.size
+    result = {"model": args.model, "image_size": [size["height"], size["width"]]} | run(
         model, processor, args.data, layers, args.epochs, probes=probes, mlp_epochs=args.mlp_epochs
     )
     print(table(result))

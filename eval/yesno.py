@@ -12,14 +12,20 @@ suffix, "Answer yes or no.", as `make eval`), and reports per question type:
 - `acc_at_0`: greedy's choice between the two words (s >= 0 means "yes");
 - `yes_no_mass`: the mean probability the first token puts on "yes" or "no" together.
 
+`--tell` puts a sentence built from each row's fields before the question, e.g. `--tell "This is a {modality}
+image."`: if the AUC stays near 0.5 when the model is told the fact in words, the failure is in comparing the
+question with the fact, not in seeing it.
+
 Usage:
     python -m eval.yesno --model default --data data/medsynth/vqa_val.jsonl
     python -m eval.yesno --model outputs/starter/dpo --data data/medsynth/vqa_val.jsonl --output outputs/yesno.json
+    python -m eval.yesno --model default --tell "This is a {modality} image."
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from eval.generate import DEFAULT_SUFFIXES, load_questions, resolve_model
+from medllava.schema import SchemaError, read_jsonl
 
 
 def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
@@ -73,6 +80,27 @@ def yes_no_scores(model, processor, questions, batch_size: int = 16) -> list[tup
         for row in logp:
             out.append((float(row[yes] - row[no]), float(row[yes].exp() + row[no].exp())))
     return out
+
+
+def tell(questions, data: Path, template: str) -> list:
+    """Each question with `template`, formatted with its row's fields, put before the question's text."""
+    rows = {row["id"]: (line, row) for line, row in read_jsonl(data)}
+    told = []
+    for q in questions:
+        line, row = rows[q.id]
+        try:
+            sentence = template.format_map(row)
+        except KeyError as e:
+            raise SchemaError(
+                f"{data}:{line}: --tell needs the field {e.args[0]!r}, which this row lacks"
+            ) from None
+        messages = [dict(m) for m in q.messages]
+        content = [dict(part) for part in messages[-1]["content"]]
+        text = next(i for i in reversed(range(len(content))) if content[i]["type"] == "text")
+        content[text]["text"] = f"{sentence} {content[text]['text']}"
+        messages[-1]["content"] = content
+        told.append(dataclasses.replace(q, messages=messages))
+    return told
 
 
 def summarise(questions, scores) -> dict:
@@ -121,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suffix", default=DEFAULT_SUFFIXES["CLOSED"], help="appended to each question")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of the file")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--tell",
+        default=None,
+        help='a sentence put before each question, formatted with the row\'s fields, e.g. "This is a {modality} image."',
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
     questions = [
@@ -130,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if not questions:
         raise SystemExit(f"{args.data}: no CLOSED questions")
+    if args.tell:
+        questions = tell(questions, args.data, args.tell)
     model_dir = resolve_model(args.model)
     model, processor = load(str(model_dir))
-    result = {"model": str(model_dir), "data": str(args.data), "suffix": args.suffix}
+    result = {"model": str(model_dir), "data": str(args.data), "suffix": args.suffix, "tell": args.tell}
     result["by_type"] = summarise(questions, yes_no_scores(model, processor, questions, args.batch_size))
     print(table(result["by_type"]))
     if args.output:

@@ -12,6 +12,7 @@ from conftest import random_image
 
 from data_pipelines import (
     captions,
+    described,
     group_turns,
     llava_med_eval,
     pathvqa,
@@ -520,3 +521,45 @@ def test_group_turns_merges_questions_per_image(vqa_file, tmp_path):
     rejected = read_rows(out.with_suffix(".rejected.jsonl"))
     assert [r["row"]["id"] for r in rejected] == ["bad"]
     assert group_turns.main(argv) == 0 and read_rows(out) == rows  # same seed, same rows
+
+
+def test_described_replaces_the_image_by_its_caption_and_keeps_closed_turns(tmp_path):
+    for name in ("a.png", "b.png"):
+        save_image(tmp_path / name, 1)
+    caption_rows = [make_vqa_row("ca", ["a.png"], "Describe the image.", "A CT image of the chest.")]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in caption_rows))
+    singles = [
+        make_vqa_row("q1", ["a.png"], "Is this an X-ray?", "no", CLOSED, question_type="MODALITY"),
+        make_vqa_row("q2", ["a.png"], "What modality is this?", "ct", OPEN, question_type="MODALITY"),
+        make_vqa_row("q3", ["a.png"], "Is this the chest?", "yes", CLOSED, question_type="ORGAN"),
+        make_vqa_row("q4", ["b.png"], "Is this an MRI?", "no", CLOSED),  # b.png has no caption
+    ]
+    src = tmp_path / "singles.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in singles))
+    grouped = tmp_path / "grouped" / "g.jsonl"  # another folder: images are matched by file, not by spelling
+    assert group_turns.main(["--input", str(src), "--output", str(grouped), "--max-turns", "3"]) == 0
+    out = tmp_path / "described.jsonl"
+    argv = ["--vqa", str(grouped), "--captions", str(tmp_path / "captions.jsonl"), "--output", str(out)]
+    assert described.main(argv + ["--answer-types", "CLOSED"]) == 0
+    (row,) = read_rows(out)
+    assert row["images"] == [] and validate_row(row, tmp_path) == []
+    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    assert [vqa_answer({"messages": [m]}) for m in row["messages"] if m["role"] == "assistant"] in (
+        ["no", "yes"],
+        ["yes", "no"],
+    )
+    assert all(part["type"] == "text" for content in users for part in content)
+    assert users[0][0]["text"].startswith("Image description: A CT image of the chest. Is this ")
+    assert not users[1][0]["text"].startswith("Image description")
+    assert row["answer_types"] == ["CLOSED", "CLOSED"] and sorted(row["question_types"]) == [
+        "MODALITY",
+        "ORGAN",
+    ]
+    assert sorted(row["source_ids"]) == ["q1", "q3"]
+    rejected = read_rows(out.with_suffix(".rejected.jsonl"))
+    assert [r["reasons"] for r in rejected] == [["no caption for ../b.png"]]
+    # every turn kept without --answer-types; --fraction keeps a seeded share of the rows
+    assert described.main(argv) == 0
+    assert sorted(read_rows(out)[0]["source_ids"]) == ["q1", "q2", "q3"]
+    with pytest.raises(SystemExit):
+        described.main(argv + ["--fraction", "0"])

@@ -88,3 +88,22 @@ def test_mlp_probe_reads_where_a_token_is_and_not_noise():
     noise = torch.randint(0, 2, (n,), generator=generator)
     predicted, _ = fit_mlp_probe(x[:300], noise[:300], x[300:400], noise[300:400], x[400:], epochs=20)
     assert 0.3 <= (predicted == noise[400:]).float().mean() <= 0.7
+
+
+def test_image_size_changes_the_grid_the_tower_sees(tiny_model_dir, tmp_path):
+    import pytest
+
+    from eval.probe import image_features, set_image_size
+    from medllava.generation import load
+
+    model, processor = load(str(tiny_model_dir))
+    path = tmp_path / "x.png"
+    Image.fromarray(np.full((64, 64), 120, np.uint8)).save(path)
+    side = processor.image_processor.size["height"] // 14
+    assert image_features(model, processor, [path], [-2], tokens=True)[-2]["tokens"].shape[1] == side * side
+    set_image_size(processor, 14 * (side + 1))  # DINOv2 interpolates its position embeddings: no retraining
+    assert (
+        image_features(model, processor, [path], [-2], tokens=True)[-2]["tokens"].shape[1] == (side + 1) ** 2
+    )
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        set_image_size(processor, 30)

@@ -261,6 +261,29 @@ def test_over_long_rows_are_dropped_and_counted(data):
     assert dataset["length"] == [n for n in lengths if n <= limit]
 
 
+def test_length_column_name_is_honoured_and_a_clashing_row_field_is_refused(data, tmp_path):
+    from transformers import AutoProcessor
+
+    from medllava.schema import SchemaError, read_rows
+    from train.common import get_dataset
+
+    processor = AutoProcessor.from_pretrained(data["model"])
+    script, _, _ = sft_args(data, "unused")
+    dataset, _ = get_dataset(data["sft"], processor, script, None, "sft", length_column="n_tokens")
+    assert "n_tokens" in dataset.column_names and "length" not in dataset.column_names
+    # a row that carries its own `length` field (e.g. a report's length) must not be overwritten or crash in datasets
+    rows = list(read_rows(data["sft"]))
+    rows[0]["length"] = "long report"
+    clash = tmp_path / "clash.jsonl"
+    for row in rows:  # images stay where the fixture put them
+        row["images"] = [str(Path(data["sft"]).parent / image) for image in row.get("images", [])]
+    clash.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SchemaError, match="already have a 'length' field"):
+        get_dataset(clash, processor, script, None, "sft")
+    renamed, _ = get_dataset(clash, processor, script, None, "sft", length_column="n_tokens")
+    assert renamed["length"][0] == "long report"
+
+
 def test_answer_suffix_matches_the_eval_prompt(data):
     from eval.generate import DEFAULT_SUFFIXES, load_questions
     from train.common import add_answer_suffix

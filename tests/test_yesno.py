@@ -59,3 +59,23 @@ def test_yesno_refuses_a_file_without_closed_questions(tiny_model_dir, tmp_path)
     data.write_text(json.dumps(_row(0, "What organ?", "liver", "OPEN", "ORGAN")) + "\n")
     with pytest.raises(SystemExit, match="no CLOSED questions"):
         main(["--model", str(tiny_model_dir), "--data", str(data)])
+
+
+def test_tell_puts_the_rows_fact_before_the_question(tmp_path):
+    from eval.generate import load_questions
+    from eval.yesno import tell
+    from medllava.schema import SchemaError
+
+    rows = [_row(0, "Is this a CT image?", "no", "CLOSED", "MODALITY") | {"modality": "MRI"}]
+    rows.append(_row(1, "Is this an MRI?", "yes", "CLOSED", "MODALITY"))  # no modality field
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = load_questions(data, None, {"CLOSED": "Answer yes or no."})
+    told = tell(questions[:1], data, "This is a {modality} image.")
+    assert told[0].messages[-1]["content"][-1]["text"] == (
+        "This is a MRI image. Is this a CT image? Answer yes or no."
+    )
+    assert told[0].messages[-1]["content"][0] == {"type": "image"}
+    assert questions[0].messages[-1]["content"][-1]["text"] == "Is this a CT image? Answer yes or no."
+    with pytest.raises(SchemaError, match="vqa.jsonl:2: --tell needs the field 'modality'"):
+        tell(questions, data, "This is a {modality} image.")

@@ -272,10 +272,19 @@ def lazy_images(dataset):
     return dataset.with_transform(_load_images_transform) if dataset is not None else None
 
 
-def get_dataset(path, processor, script_args, max_length: int | None, kind: str, load_images: bool = False):
+def get_dataset(
+    path,
+    processor,
+    script_args,
+    max_length: int | None,
+    kind: str,
+    load_images: bool = False,
+    length_column: str = "length",
+):
     """(datasets.Dataset, report) of one schema JSONL file; `kind` is the row kind the algorithm needs.
 
-    SFT keeps image paths (the collator loads them); DPO/GRPO get PIL images through a lazy transform.
+    SFT keeps image paths (the collator loads them) and gets each row's token length in `length_column` (the
+    Trainer's `length_column_name`); DPO/GRPO get PIL images through a lazy transform.
     """
     from datasets import Dataset
 
@@ -293,7 +302,12 @@ def get_dataset(path, processor, script_args, max_length: int | None, kind: str,
     rows, dropped, lengths = drop_long_rows(rows, lengths, max_length, path)
     dataset = Dataset.from_list(rows)
     if kind == "sft":
-        dataset = dataset.add_column("length", lengths)
+        if length_column in dataset.column_names:
+            raise SchemaError(
+                f"{path}: rows already have a {length_column!r} field, the column SFT fills with each row's token "
+                "length for group_by_length; rename that field or set length_column_name to another name"
+            )
+        dataset = dataset.add_column(length_column, lengths)
     if load_images:
         dataset = lazy_images(dataset)
     report = {"file": str(path), "rows": len(rows) + dropped, "kept": len(rows), "dropped_too_long": dropped}
@@ -301,15 +315,17 @@ def get_dataset(path, processor, script_args, max_length: int | None, kind: str,
     return dataset, report
 
 
-def get_datasets(script_args, processor, max_length, kind: str, load_images: bool = False):
+def get_datasets(
+    script_args, processor, max_length, kind: str, load_images: bool = False, length_column: str = "length"
+):
     train, train_report = get_dataset(
-        script_args.train_file, processor, script_args, max_length, kind, load_images
+        script_args.train_file, processor, script_args, max_length, kind, load_images, length_column
     )
     report = {"train": train_report}
     evaluation = None
     if script_args.eval_file:
         evaluation, report["eval"] = get_dataset(
-            script_args.eval_file, processor, script_args, max_length, kind, load_images
+            script_args.eval_file, processor, script_args, max_length, kind, load_images, length_column
         )
     return train, evaluation, report
 

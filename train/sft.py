@@ -25,7 +25,11 @@ def main(
     setup_logging(training_args)
     model, processor = get_model(model_args, script_args, training_args)
     train_dataset, eval_dataset, report = get_datasets(
-        script_args, processor, training_args.max_length, "sft"
+        script_args,
+        processor,
+        training_args.max_length,
+        "sft",
+        length_column=training_args.length_column_name,
     )
     trainer = with_checkpointing(SFTTrainer)(
         model=model,
