@@ -30,14 +30,22 @@ from collections import Counter
 from pathlib import Path
 
 from data_pipelines.common import Rejects, format_table
-from medllava.schema import SchemaError, read_jsonl, validate_structure, vqa_answer, write_jsonl
+from medllava.schema import (
+    SchemaError,
+    content_text,
+    read_jsonl,
+    resolve_image,
+    validate_structure,
+    vqa_answer,
+    write_jsonl,
+)
 
 PREFIX = "Image description:"
 PER_TURN = ("answer_types", "question_types", "source_ids")
 
 
 def image_key(path: str, folder: Path) -> str:
-    return os.path.normpath(path if Path(path).is_absolute() else folder / path)
+    return os.path.normpath(resolve_image(path, folder))
 
 
 def read_captions(path: Path) -> dict[str, str]:
@@ -52,11 +60,12 @@ def read_captions(path: Path) -> dict[str, str]:
 
 
 def describe(row: dict, caption: str, answer_types: set[str] | None) -> tuple[dict | None, str | None]:
-    """(text-only row, None) or (None, why not)."""
+    """(text-only row, None) or (None, why not), for a row that passed validate_structure (so its turns
+    alternate user/assistant and end with an answer)."""
     messages = row["messages"]
-    turns = [(messages[i], messages[i + 1]) for i in range(0, len(messages) - 1, 2)]
-    if any(u.get("role") != "user" or a.get("role") != "assistant" for u, a in turns) or len(messages) % 2:
-        return None, "not alternating user/assistant turns"
+    if messages[0]["role"] == "system":
+        return None, "a system turn (described rows have user/assistant turns only)"
+    turns = list(zip(messages[::2], messages[1::2], strict=True))
     per_turn = row.get("answer_types") or [row.get("answer_type")] * len(turns)
     if len(per_turn) != len(turns):
         return None, f"{len(per_turn)} answer_types for {len(turns)} turns"
@@ -69,10 +78,10 @@ def describe(row: dict, caption: str, answer_types: set[str] | None) -> tuple[di
     new_messages = []
     for n, i in enumerate(keep):
         user, assistant = turns[i]
-        texts = [part["text"] for part in user["content"] if part.get("type") == "text"]
+        text = content_text(user["content"]).strip()  # content may be a string or a list of parts
         if n == 0:
-            texts = [f"{PREFIX} {caption}"] + texts
-        new_messages += [{"role": "user", "content": [{"type": "text", "text": " ".join(texts)}]}, assistant]
+            text = f"{PREFIX} {caption} {text}"
+        new_messages += [{"role": "user", "content": [{"type": "text", "text": text}]}, assistant]
     out["messages"] = new_messages
     for key in PER_TURN:
         if key in row:

@@ -69,22 +69,33 @@ class Question:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def with_suffix(messages: list[dict], suffix: str) -> list[dict]:
-    """A copy of the messages with `suffix` appended to the last user turn's text."""
-    if not suffix:
-        return messages
+def _edit_last_user_text(messages: list[dict], edit, missing: str) -> list[dict]:
+    """A copy of the messages with the last user turn's (last) text replaced by edit(text), or `missing` added as
+    a text part if that turn has none."""
     messages = json.loads(json.dumps(messages))
     last_user = next(m for m in reversed(messages) if m.get("role") == "user")
     content = last_user["content"]
     if isinstance(content, str):
-        last_user["content"] = f"{content.rstrip()} {suffix}"
+        last_user["content"] = edit(content)
         return messages
     texts = [p for p in content if p.get("type") == "text"]
     if texts:
-        texts[-1]["text"] = f"{texts[-1]['text'].rstrip()} {suffix}"
+        texts[-1]["text"] = edit(texts[-1]["text"])
     else:
-        content.append({"type": "text", "text": suffix})
+        content.append({"type": "text", "text": missing})
     return messages
+
+
+def with_suffix(messages: list[dict], suffix: str) -> list[dict]:
+    """A copy of the messages with `suffix` appended to the last user turn's text."""
+    if not suffix:
+        return messages
+    return _edit_last_user_text(messages, lambda text: f"{text.rstrip()} {suffix}", suffix)
+
+
+def with_prefix(messages: list[dict], prefix: str) -> list[dict]:
+    """A copy of the messages with `prefix` put before the last user turn's text."""
+    return _edit_last_user_text(messages, lambda text: f"{prefix} {text}", prefix)
 
 
 def load_questions(

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.generate import DEFAULT_SUFFIXES, load_questions, resolve_model
+from eval.generate import DEFAULT_SUFFIXES, load_questions, resolve_model, with_prefix
 from medllava.schema import SchemaError, read_jsonl
 
 
@@ -94,12 +94,7 @@ def tell(questions, data: Path, template: str) -> list:
             raise SchemaError(
                 f"{data}:{line}: --tell needs the field {e.args[0]!r}, which this row lacks"
             ) from None
-        messages = [dict(m) for m in q.messages]
-        content = [dict(part) for part in messages[-1]["content"]]
-        text = next(i for i in reversed(range(len(content))) if content[i]["type"] == "text")
-        content[text]["text"] = f"{sentence} {content[text]['text']}"
-        messages[-1]["content"] = content
-        told.append(dataclasses.replace(q, messages=messages))
+        told.append(dataclasses.replace(q, messages=with_prefix(q.messages, sentence)))
     return told
 
 
