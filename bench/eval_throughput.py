@@ -25,9 +25,17 @@ import torch
 from PIL import Image
 
 from bench.common import gemm_gflops, machine_state, markdown_table
-from eval.generate import DEFAULT_SUFFIXES, batch_key, load_questions
-from medllava.generation import generate, load
-from medllava.processing import load_image, user_message
+from medllava.generation import batch_key, generate, load
+from medllava.processing import load_image
+from medllava.prompts import ANSWER_SUFFIXES, with_suffix
+from medllava.schema import (
+    infer_answer_type,
+    message,
+    prompt_messages,
+    read_valid_rows,
+    vqa_answer,
+    vqa_question,
+)
 
 SYNTHETIC = [
     ("Is there a mass in this image? Answer yes or no.", "CLOSED"),
@@ -43,15 +51,24 @@ def synthetic_examples(n: int) -> list[dict]:
         rng = np.random.default_rng(i)
         image = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
         question, answer_type = SYNTHETIC[i % len(SYNTHETIC)]
-        out.append({"images": [image], "messages": [user_message(question)], "answer_type": answer_type,
+        out.append({"images": [image], "messages": [message("user", question, 1)], "answer_type": answer_type,
                     "question": question})  # fmt: skip
     return out
 
 
 def data_examples(path: Path, n: int) -> list[dict]:
-    questions = load_questions(path, None, DEFAULT_SUFFIXES, limit=n)
-    return [{"images": [load_image(p) for p in q.images], "messages": q.messages, "answer_type": q.answer_type,
-             "question": q.question} for q in questions]  # fmt: skip
+    examples = []
+    for _, row in read_valid_rows(path, limit=n):
+        answer_type = row.get("answer_type") or infer_answer_type(vqa_answer(row))
+        examples.append(
+            {
+                "images": [load_image(p) for p in row["images"]],
+                "messages": with_suffix(prompt_messages(row), ANSWER_SUFFIXES.get(answer_type, "")),
+                "answer_type": answer_type,
+                "question": vqa_question(row),
+            }
+        )
+    return examples
 
 
 def eval_order(examples: list[dict]) -> list[int]:

@@ -22,7 +22,8 @@ from bench.common import gemm_gflops, machine_state, markdown_table
 from medllava.assets import medllava_home, vision_dir
 from medllava.generation import generate
 from medllava.modeling import build_model, freeze_for_stage
-from medllava.processing import AssistantOnlyCollator, user_message
+from medllava.processing import AssistantOnlyCollator
+from medllava.schema import message
 
 
 def _example(seed: int) -> dict:
@@ -31,7 +32,7 @@ def _example(seed: int) -> dict:
     return {
         "images": [image],
         "messages": [
-            user_message("Describe the image briefly."),
+            message("user", "Describe the image briefly.", 1),
             {
                 "role": "assistant",
                 "content": [
@@ -64,7 +65,7 @@ def measure(size: int, batch: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step = statistics.median(times[1:])
     model.eval()
-    question = {"images": [_example(0)["images"][0]], "messages": [user_message("What modality is this?")]}
+    question = {"images": [_example(0)["images"][0]], "messages": [message("user", "What modality is this?", 1)]}
     generate(model, processor, [question], max_new_tokens=2)
     start = time.perf_counter()
     generate(model, processor, [question], max_new_tokens=16)

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from medllava.assets import resolve_model
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -127,10 +129,11 @@ def in_process(
 ) -> list[dict]:
     """The same question through `medllava.generation.stream` in this process: the speed without the server."""
     from medllava.generation import SamplingParams, load, stream
-    from medllava.processing import load_image, user_message
+    from medllava.processing import load_image
+    from medllava.schema import message
 
     model, processor = load(model_dir, dtype=dtype)
-    example = {"images": [load_image(image_path)], "messages": [user_message(question)]}
+    example = {"images": [load_image(image_path)], "messages": [message("user", question, 1)]}
     runs = []
     for i in tqdm(range(reps + 1), desc="in-process", file=sys.stderr):
         usage: dict = {}
@@ -205,8 +208,6 @@ def main(argv: list[str] | None = None) -> None:
             process.wait(timeout=30)
     rows = [(f"API {i}", run) for i, run in enumerate(runs, 1)] + [("API median", median(runs))]
     if not args.no_baseline and not args.url:
-        from serve.__main__ import resolve_model
-
         local = in_process(
             resolve_model(args.model), args.dtype, image_path, args.question, args.max_tokens, args.reps
         )

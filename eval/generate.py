@@ -26,23 +26,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medllava.generation import Completion
-from medllava.metrics import infer_answer_type
+from medllava.assets import resolve_model
+from medllava.generation import Completion, batch_key
+from medllava.prompts import ANSWER_SUFFIXES, with_suffix
 from medllava.schema import (
     SchemaError,
+    infer_answer_type,
     prompt_messages,
-    read_jsonl,
-    resolve_image,
-    validate_structure,
+    read_valid_rows,
     vqa_answer,
     vqa_question,
 )
 
-DEFAULT_SUFFIXES = {
-    "CLOSED": "Answer yes or no.",
-    "OPEN": "Answer with a short phrase.",
-    "CHOICE": "Answer with the letter of the correct option.",
-}
 METADATA = ("question_type", "modality", "source")
 
 
@@ -69,50 +64,15 @@ class Question:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _edit_last_user_text(messages: list[dict], edit, missing: str) -> list[dict]:
-    """A copy of the messages with the last user turn's (last) text replaced by edit(text), or `missing` added as
-    a text part if that turn has none."""
-    messages = json.loads(json.dumps(messages))
-    last_user = next(m for m in reversed(messages) if m.get("role") == "user")
-    content = last_user["content"]
-    if isinstance(content, str):
-        last_user["content"] = edit(content)
-        return messages
-    texts = [p for p in content if p.get("type") == "text"]
-    if texts:
-        texts[-1]["text"] = edit(texts[-1]["text"])
-    else:
-        content.append({"type": "text", "text": missing})
-    return messages
-
-
-def with_suffix(messages: list[dict], suffix: str) -> list[dict]:
-    """A copy of the messages with `suffix` appended to the last user turn's text."""
-    if not suffix:
-        return messages
-    return _edit_last_user_text(messages, lambda text: f"{text.rstrip()} {suffix}", suffix)
-
-
-def with_prefix(messages: list[dict], prefix: str) -> list[dict]:
-    """A copy of the messages with `prefix` put before the last user turn's text."""
-    return _edit_last_user_text(messages, lambda text: f"{prefix} {text}", prefix)
-
-
 def load_questions(
     data: Path, image_root: Path | None, suffixes: dict[str, str], limit: int | None = None
 ) -> list[Question]:
     """Every question of a schema file; a row that cannot be evaluated raises SchemaError naming file:line."""
-    image_root = data.parent if image_root is None else image_root
     questions, seen = [], {}
-    for line_no, row in read_jsonl(data):
-        if limit is not None and len(questions) >= limit:
-            break
+    for line_no, row in read_valid_rows(data, image_root, limit=limit):
         where = f"{data}:{line_no}"
-        problems = validate_structure(row)
         if "chosen" in row:
-            problems.append("a DPO row is not a VQA question")
-        if problems:
-            raise SchemaError(f"{where}: " + "; ".join(problems))
+            raise SchemaError(f"{where}: a DPO row is not a VQA question")
         row_id = row["id"]
         if row_id in seen:
             raise SchemaError(f"{where}: duplicate id {row_id!r} (first on line {seen[row_id]})")
@@ -128,7 +88,7 @@ def load_questions(
                 id=row_id,
                 index=len(questions),
                 line=line_no,
-                images=[resolve_image(p, image_root) for p in row.get("images", [])],
+                images=[Path(p) for p in row["images"]],
                 messages=with_suffix(messages, suffixes.get(answer_type, "")),
                 question=vqa_question(row),
                 answer=answer,
@@ -165,12 +125,6 @@ def shuffle_images(questions: list[Question], seed: int) -> list[Question]:
 
 def shard(questions: list[Question], num_shards: int, shard_index: int) -> list[Question]:
     return [q for q in questions if q.index % num_shards == shard_index]
-
-
-def batch_key(answer_type: str, n_images: int, question: str) -> tuple:
-    """Questions are answered grouped by answer type and prompt size: a batch runs until its longest answer
-    ends, so yes/no questions batched together stop after a few tokens, and similar lengths waste less padding."""
-    return (answer_type, n_images, len(question))
 
 
 def batch_order(questions: list[Question]) -> list[Question]:
@@ -324,19 +278,6 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def resolve_model(model: str) -> Path:
-    if model == "default":
-        from medllava.assets import default_model_dir
-
-        return default_model_dir()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"--model {model}: no such directory (use 'default' or a saved Llava directory)"
-        )
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -354,9 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N questions of the file (before sharding)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--closed-suffix", default=DEFAULT_SUFFIXES["CLOSED"], help="appended to CLOSED questions")
-    p.add_argument("--open-suffix", default=DEFAULT_SUFFIXES["OPEN"], help="appended to OPEN questions")
-    p.add_argument("--choice-suffix", default=DEFAULT_SUFFIXES["CHOICE"], help="appended to CHOICE questions")
+    p.add_argument("--closed-suffix", default=ANSWER_SUFFIXES["CLOSED"], help="appended to CLOSED questions")
+    p.add_argument("--open-suffix", default=ANSWER_SUFFIXES["OPEN"], help="appended to OPEN questions")
+    p.add_argument("--choice-suffix", default=ANSWER_SUFFIXES["CHOICE"], help="appended to CHOICE questions")
     p.add_argument("--no-suffix", action="store_true", help="ask the questions exactly as written")
     p.add_argument("--shuffle-images", type=int, metavar="SEED",
                    help="image-blind control: ask each question about another question's picture")  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medllava.assets import resolve_model
 from medllava.generation import load
 from medllava.processing import AssistantOnlyCollator
 from medllava.schema import read_jsonl, resolve_image
@@ -50,10 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
-    if args.model == "default":
-        from medllava.assets import default_model_dir
-
-        args.model = str(default_model_dir())
+    args.model = resolve_model(args.model)
     model, processor = load(args.model)
     rows = []
     for _, row in read_jsonl(args.data):

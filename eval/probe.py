@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medllava.assets import resolve_model
 from medllava.generation import load
 from medllava.processing import load_image
 from medllava.schema import read_rows
@@ -307,10 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
-    if args.model == "default":
-        from medllava.assets import default_model_dir
-
-        args.model = str(default_model_dir())
+    args.model = resolve_model(args.model)
     model, processor = load(args.model)
     if args.image_size is not None:
         set_image_size(processor, args.image_size)

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.generate import DEFAULT_SUFFIXES, load_questions, resolve_model, with_prefix
+from eval.generate import load_questions
+from medllava.assets import resolve_model
+from medllava.prompts import ANSWER_SUFFIXES, with_prefix
 from medllava.schema import SchemaError, read_jsonl
 
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.yesno", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a Llava directory")
     parser.add_argument("--data", type=Path, default=Path("data/medsynth/vqa_val.jsonl"))
-    parser.add_argument("--suffix", default=DEFAULT_SUFFIXES["CLOSED"], help="appended to each question")
+    parser.add_argument("--suffix", default=ANSWER_SUFFIXES["CLOSED"], help="appended to each question")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of the file")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(

@@ -284,6 +284,41 @@ def default_model_dir() -> Path:
     return base_dir()
 
 
+MODEL_NAMES = {
+    "default": "the model `make demo` serves: the trained starter where one ships, else the base",
+    "base": "the untrained base (DINOv2 ViT-S/14 + projector + SmolLM2-135M-Instruct), what training starts from",
+    "starter": "the trained starter (base + the committed delta)",
+}
+
+
+def resolve_model(name: str) -> str:
+    """The one meaning of a model name, used by train, eval, serve and bench.
+
+    'default', 'base' and 'starter' are the packaged models (built offline on first use, see MODEL_NAMES); a local
+    path must be a Hugging Face checkpoint directory (FileNotFoundError naming the problem otherwise); anything
+    else is passed on as a hub id.
+    """
+    if name == "default":
+        return str(default_model_dir())
+    if name == "base":
+        return str(base_dir())
+    if name == "starter":
+        return str(starter_dir())
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model {name}: no such directory (use {', '.join(map(repr, MODEL_NAMES))}, a checkpoint "
+                "directory or a hub id)"
+            )
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {name}: directory has no config.json (not a Hugging Face checkpoint)"
+            )
+        return str(path)
+    return name
+
+
 def save_starter(trained: str | Path, out: Path = STARTER_DELTA) -> Path:
     """Write the delta of a trained checkpoint over the default base into `out` (what ships in the repository)."""
     import torch

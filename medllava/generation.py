@@ -97,6 +97,12 @@ def _model_inputs(model, processor, examples: Sequence[dict], images_loaded: boo
     return batch
 
 
+def batch_key(answer_type: str, n_images: int, question: str) -> tuple:
+    """Questions are answered grouped by answer type and prompt size: a batch runs until its longest answer
+    ends, so yes/no questions batched together stop after a few tokens, and similar lengths waste less padding."""
+    return (answer_type, n_images, len(question))
+
+
 @torch.inference_mode()
 def generate(
     model,

@@ -38,37 +38,8 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 
-# ---------------------------------------------------------------------------------------------------------------
-# Answer extraction
-# ---------------------------------------------------------------------------------------------------------------
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
-
-
-def extract_answer(text: str) -> str:
-    """The content of the first `<answer>...</answer>` if there is one, else the whole text (stripped)."""
-    text = "" if text is None else str(text)
-    match = _ANSWER_TAG.search(text)
-    return (match.group(1) if match else text).strip()
-
-
-# A letter standing alone at the start ("B", "(B)", "B. xxx", "B) xxx", "B: xxx"), or after "answer"/"option".
-_CHOICE_PATTERNS = (
-    re.compile(r"^\(([a-z])\)"),
-    re.compile(r"^([a-z])(?:[.):]|\s*$)"),
-    re.compile(r"\b(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*\(?([a-z])\)?(?![a-z0-9])"),
-)
-
-
-def extract_choice(text: str) -> str | None:
-    """The option letter of a multiple-choice answer ("B", "(b)", "B. Pneumonia", "answer: b") in upper case."""
-    text = extract_answer(text).lower()
-    for pattern in _CHOICE_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            return match.group(1).upper()
-    return None
-
+from medllava.prompts import extract_answer, extract_choice
+from medllava.schema import infer_answer_type
 
 # ---------------------------------------------------------------------------------------------------------------
 # LLaVA-Med normalisation
@@ -329,14 +300,6 @@ def metrics_for(answer_type: str) -> tuple[str, ...]:
             f"unknown answer_type {answer_type!r} (expected one of {', '.join(ANSWER_TYPE_METRICS)})"
         )
     return ANSWER_TYPE_METRICS[answer_type]
-
-
-def infer_answer_type(answer: str) -> str:
-    """CLOSED for a yes/no answer, CHOICE for a bare option letter, else OPEN."""
-    text = normalize(answer)
-    if text in ("yes", "no"):
-        return "CLOSED"
-    return "CHOICE" if re.fullmatch(r"\(?[A-Za-z]\)?\.?", str(answer).strip()) else "OPEN"
 
 
 def score(prediction: str, answer: str, answer_type: str) -> dict[str, float]:

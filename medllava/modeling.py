@@ -60,10 +60,12 @@ def freeze_for_stage(model, stage: str, train_vision: bool = False) -> dict[str,
 
 
 def count_trainable(model) -> dict[str, int]:
+    """Trainable parameters per part (vision/projector/llm, plus LoRA); ZeRO-3-partitioned tensors counted in full."""
     counts = {}
     for name, modules in model_parts(model).items():
-        seen = {id(p): p for m in modules for p in m.parameters()}  # lm_head may be tied to the embeddings
-        counts[name] = sum(p.numel() for p in seen.values() if p.requires_grad)
+        # lm_head may be tied to the embeddings: count each tensor once
+        seen = {id(p): p for m in modules for p in m.parameters()}
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in seen.values() if p.requires_grad)
     return counts
 
 

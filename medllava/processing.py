@@ -283,11 +283,6 @@ def load_image(src, frame: int | None = None, slice_index: int | None = None) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def user_message(text: str, n_images: int = 1) -> dict:
-    """A user turn in the schema: image placeholders first, then the text."""
-    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
-
-
 def count_image_placeholders(messages: Sequence[dict]) -> int:
     return sum(
         1
@@ -296,13 +291,6 @@ def count_image_placeholders(messages: Sequence[dict]) -> int:
         for part in m["content"]
         if part.get("type") == "image"
     )
-
-
-def message_text(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 def check_example(example: dict) -> None:

@@ -5,7 +5,7 @@ Each function has TRL's reward signature: `fn(prompts, completions, **kwargs) ->
 carry the dataset columns (`solution`, `answer_type`, ...). `None` means "does not apply to this row" (TRL
 skips it), so answer-type-specific rewards can be combined with weights (GRPOConfig.reward_weights).
 
-    from medllava.rewards import REWARD_FUNCS, FORMAT_SYSTEM_PROMPT
+    from medllava.rewards import REWARD_FUNCS
     REWARD_FUNCS["accuracy"](prompts, [[{"role": "assistant", "content": "<answer>yes</answer>"}]],
                              solution=["yes"], answer_type=["CLOSED"])          # [1.0]
 
@@ -18,27 +18,18 @@ Rewards (Med-R1 uses format + accuracy; see shared ANCHORS.md):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 from medllava import metrics
+from medllava.prompts import FORMAT_SYSTEM_PROMPT, is_answer_format
+from medllava.schema import content_text, infer_answer_type
 
-# The system prompt that asks for the format the `format` reward checks (train/grpo.py adds it to prompts).
-FORMAT_SYSTEM_PROMPT = (
-    "You are MedLLaVA, a research assistant that answers questions about medical images. You may think first "
-    "inside <think> </think>; then give the final short answer inside <answer> </answer>."
-)
-_FORMAT = re.compile(r"^\s*(?:<think>.*?</think>\s*)?<answer>.+?</answer>\s*$", re.DOTALL | re.IGNORECASE)
+__all__ = ["FORMAT_SYSTEM_PROMPT", "REWARD_FUNCS", "completion_text", "get_reward_funcs"]
 
 
 def completion_text(completion) -> str:
     """The text of one completion: a string, or a list of messages whose last one is the reply."""
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return completion if isinstance(completion, str) else content_text(completion[-1]["content"])
 
 
 def _column(kwargs: dict, name: str, n: int) -> list:
@@ -47,7 +38,7 @@ def _column(kwargs: dict, name: str, n: int) -> list:
 
 
 def format_reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
-    return [float(bool(_FORMAT.match(completion_text(c)))) for c in completions]
+    return [float(is_answer_format(completion_text(c))) for c in completions]
 
 
 def accuracy_reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
@@ -67,7 +58,7 @@ def _typed(metric_name: str, answer_type: str) -> Callable:
         types = _column(kwargs, "answer_type", len(completions))
         out = []
         for c, solution, row_type in zip(completions, solutions, types, strict=True):
-            row_type = row_type or metrics.infer_answer_type(str(solution))
+            row_type = row_type or infer_answer_type(str(solution))
             out.append(
                 metrics.METRICS[metric_name](completion_text(c), str(solution))
                 if row_type == answer_type

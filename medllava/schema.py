@@ -91,10 +91,10 @@ def make_vqa_row(
 
 
 def content_text(content) -> str:
-    """Text of a message's content (a string or a list of parts)."""
+    """Text of a message's content (a string or a list of parts): the one content-to-text helper."""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 def _last_text(messages: Sequence[dict], role: str) -> str:
@@ -139,8 +139,12 @@ def prompt_messages(row: dict) -> list[dict]:
 
 
 def infer_answer_type(answer: str) -> str:
-    """CLOSED for a yes/no answer, otherwise OPEN."""
-    return CLOSED if normalise_text(answer) in YES_NO else OPEN
+    """The answer type of a row that does not state one: CLOSED for a yes/no answer ("Yes.", "(no)"), CHOICE for a
+    bare option letter ("B", "(c)", "D."), else OPEN. Data converters, eval and the GRPO rewards all use this."""
+    text = str(answer).strip()
+    if re.sub(r"^\W+|\W+$", "", text.lower()) in YES_NO:
+        return CLOSED
+    return CHOICE if re.fullmatch(r"\(?[A-Za-z]\)?\.?", text) else OPEN
 
 
 def normalise_text(text: str) -> str:
@@ -381,6 +385,34 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise SchemaError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             yield line_no, row
+
+
+def read_valid_rows(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    require_images: bool = False,
+    limit: int | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each row of a schema file, structurally validated, with its image paths resolved
+    against `image_root` (default: the file's own directory). The one reader train and eval use.
+
+    A row that is not valid (or, with `require_images`, names an image that is not a file) raises SchemaError
+    naming the file, the line and every reason: fix the data, do not skip it.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    n = 0
+    for line_no, row in read_jsonl(path):
+        if limit is not None and n >= limit:
+            return
+        problems = validate_structure(row)
+        images = [resolve_image(p, root) for p in row.get("images") or []] if not problems else []
+        if require_images:
+            problems += [f"image not found: {p}" for p in images if not p.is_file()]
+        if problems:
+            raise SchemaError(f"{path}:{line_no}: {'; '.join(problems)}")
+        n += 1
+        yield line_no, {**row, "images": [str(p) for p in images]}
 
 
 def read_rows(path: str | Path) -> list[dict]:

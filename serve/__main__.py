@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
+from medllava.assets import resolve_model
 from serve.engine import Limits
 
 
@@ -76,21 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_model(name: str) -> str:
-    if name == "default":
-        from medllava.assets import default_model_dir
-
-        return str(default_model_dir())  # builds it on first use (offline, from packaged weights)
-    path = Path(name).expanduser()
-    if name.startswith(("/", ".", "~")) and not path.exists():
-        raise SystemExit(f"error: --model {name}: no such directory")
-    if path.exists() and not (path / "config.json").is_file():
-        raise SystemExit(
-            f"error: --model {name}: directory has no config.json (not a Hugging Face checkpoint)"
-        )
-    return str(path) if path.exists() else name  # else a hub id
-
-
 class RedactFileNames(logging.Filter):
     """Keep uploaded files' names out of the access log: Gradio serves uploads at /gradio_api/file=<path>, and an
     uploaded file's name can identify a patient."""
@@ -125,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
             Limits.max_body_bytes, int(args.max_image_mb * 2**20 * 4 / 3 * args.max_images) + 2**20
         ),
     )
-    model_dir = resolve_model(args.model)
+    try:
+        model_dir = resolve_model(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --model: {e}") from None
     print(f"loading {model_dir} ({args.dtype}) ...", file=sys.stderr, flush=True)
     try:
         engine = Engine.load(

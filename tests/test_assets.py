@@ -53,6 +53,24 @@ def test_default_model_dir_is_the_base_until_a_starter_ships(monkeypatch, tmp_pa
         assets.starter_dir()
 
 
+def test_model_names_resolve_one_way(monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "STARTER_DELTA", tmp_path / "none")
+    monkeypatch.setattr(assets, "base_dir", lambda: tmp_path / "base")
+    # 'default' is the starter where one ships, else the base; 'base' is always the untrained base
+    assert assets.resolve_model("default") == assets.resolve_model("base") == str(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="no trained starter delta"):
+        assets.resolve_model("starter")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        assets.resolve_model(str(checkpoint))
+    (checkpoint / "config.json").write_text("{}")
+    assert assets.resolve_model(str(checkpoint)) == str(checkpoint)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        assets.resolve_model("outputs/never/trained")
+    assert assets.resolve_model("microsoft/rad-dino") == "microsoft/rad-dino"  # a hub id passes through
+
+
 @pytest.mark.slow
 def test_dinov2_conversion_matches_the_onnx_graph():
     """The converted Dinov2Model reproduces the ONNX backbone output (onnx's reference evaluator, ~30 s)."""

@@ -17,6 +17,7 @@ from test_metrics import ref_closed, ref_prf
 
 from eval import generate as gen
 from eval import score as sc
+from medllava.prompts import ANSWER_SUFFIXES
 from medllava.schema import SchemaError, make_vqa_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def test_read_done_cuts_torn_line_and_refuses_other_models(tmp_path):
 
 def test_suffixes_and_bad_rows(tmp_path):
     data = write_vqa(tmp_path, 6)
-    questions = gen.load_questions(data, None, gen.DEFAULT_SUFFIXES)
+    questions = gen.load_questions(data, None, ANSWER_SUFFIXES)
     text = questions[0].messages[-1]["content"][-1]["text"]
     assert text == "Is there a mass? Answer yes or no."
     assert questions[1].messages[-1]["content"][-1]["text"].endswith("Answer with a short phrase.")

@@ -7,7 +7,7 @@ import torch
 from conftest import random_image, tiny_model
 
 from medllava.generation import SamplingParams, generate, stream
-from medllava.processing import user_message
+from medllava.schema import message
 
 
 def _examples():
@@ -17,8 +17,8 @@ def _examples():
         "Modality?",
         "Describe the finding in the upper left quadrant of the image in detail.",
     ]
-    rows = [{"images": [random_image(i)], "messages": [user_message(q)]} for i, q in enumerate(questions)]
-    rows.append({"images": [], "messages": [user_message("A text-only question?", 0)]})
+    rows = [{"images": [random_image(i)], "messages": [message("user", q, 1)]} for i, q in enumerate(questions)]
+    rows.append({"images": [], "messages": [message("user", "A text-only question?", 0)]})
     return rows
 
 

@@ -5,13 +5,14 @@ import torch
 from conftest import random_image, tiny_model
 
 from medllava.modeling import STAGES, freeze_for_stage, model_parts
-from medllava.processing import encode, image_token_count, user_message
+from medllava.processing import encode, image_token_count
+from medllava.schema import message
 
 
 def _example(text="What is shown?", n_images=1, seed=0):
     return {
         "images": [random_image(seed + i) for i in range(n_images)],
-        "messages": [user_message(text, n_images)],
+        "messages": [message("user", text, n_images)],
     }
 
 
@@ -32,12 +33,12 @@ def test_assembly_adds_tokens_and_mean_initialises_them(tiny):
 def test_chat_template_renders_images_and_medical_system_prompt(tiny):
     _, processor = tiny
     text = processor.apply_chat_template(
-        [user_message("Is there a lesion?")], tokenize=False, add_generation_prompt=True
+        [message("user", "Is there a lesion?", 1)], tokenize=False, add_generation_prompt=True
     )
     assert "MedLLaVA" in text and "SmolLM" not in text and "not for clinical use" in text
     assert "<|im_start|>user\n<image>\nIs there a lesion?<|im_end|>\n<|im_start|>assistant\n" in text
     custom = processor.apply_chat_template(
-        [{"role": "system", "content": "Be terse."}, user_message("Hi", 0)], tokenize=False
+        [{"role": "system", "content": "Be terse."}, message("user", "Hi", 0)], tokenize=False
     )
     assert custom.startswith("<|im_start|>system\nBe terse.<|im_end|>") and "MedLLaVA" not in custom
 

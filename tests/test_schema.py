@@ -8,6 +8,7 @@ import pytest
 from conftest import random_image
 
 from medllava.schema import (
+    CHOICE,
     CLOSED,
     OPEN,
     SchemaError,
@@ -116,6 +117,13 @@ def test_validate_row_token_limit(tmp_path, tiny):
 
 def test_answer_types():
     assert infer_answer_type("Yes.") == CLOSED and infer_answer_type("left lung") == OPEN
+    # one answer-type rule for data, eval and rewards: a bare option letter is a choice answer
+    assert infer_answer_type("B") == CHOICE and infer_answer_type("(c)") == CHOICE and infer_answer_type("D.") == CHOICE
+    assert infer_answer_type("(no)") == CLOSED and infer_answer_type("hepatitis B") == OPEN
+    from medllava import metrics, rewards
+
+    assert metrics.infer_answer_type is infer_answer_type
+    assert rewards.infer_answer_type is infer_answer_type
     assert normalise_answer_type(" closed ") == CLOSED
     assert normalise_answer_type("Open-ended") == OPEN
     assert normalise_answer_type("banana") is None

@@ -614,13 +614,13 @@ def test_examples_without_medsynth_come_from_the_shipped_test_cases():
 
 
 def test_cli_help_and_bad_model_dir(tmp_path, capsys):
-    from serve.__main__ import parse_args, resolve_model
+    from serve.__main__ import main, parse_args
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--help"])
     assert exit_.value.code == 0 and "--model" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no config.json"):
-        resolve_model(str(tmp_path))
+        main(["--model", str(tmp_path)])
 
 
 def test_access_log_never_shows_uploaded_file_names():

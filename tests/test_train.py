@@ -285,8 +285,8 @@ def test_length_column_name_is_honoured_and_a_clashing_row_field_is_refused(data
 
 
 def test_answer_suffix_matches_the_eval_prompt(data):
-    from eval.generate import DEFAULT_SUFFIXES, load_questions
-    from train.common import add_answer_suffix
+    from eval.generate import load_questions
+    from medllava.prompts import ANSWER_SUFFIXES, add_answer_suffix
 
     def user_text(messages):
         return messages[-1]["content"][-1]["text"]
@@ -294,18 +294,18 @@ def test_answer_suffix_matches_the_eval_prompt(data):
     vqa = {"id": "v", "images": ["a.png"], "answer_type": "CLOSED"}
     vqa["messages"] = [_user("Is there a lesion?"), _assistant("yes")]
     once = add_answer_suffix(vqa)
-    assert user_text(once["messages"][:1]) == "Is there a lesion? " + DEFAULT_SUFFIXES["CLOSED"]
+    assert user_text(once["messages"][:1]) == "Is there a lesion? " + ANSWER_SUFFIXES["CLOSED"]
     assert (
         add_answer_suffix(once) == once and vqa["messages"][0]["content"][-1]["text"] == "Is there a lesion?"
     )
     pair = {"prompt": [_user("Which side?")], "chosen": [_assistant("left")], "answer_type": "OPEN"}
-    assert user_text(add_answer_suffix(pair)["prompt"]) == "Which side? " + DEFAULT_SUFFIXES["OPEN"]
+    assert user_text(add_answer_suffix(pair)["prompt"]) == "Which side? " + ANSWER_SUFFIXES["OPEN"]
     caption = {"messages": [_user("Describe the image.")]}
     assert add_answer_suffix(caption) == caption  # no answer type: left alone
 
     path = data["root"] / "vqa.jsonl"
     path.write_text(json.dumps({**vqa, "images": ["images/0.png"]}) + "\n")
-    asked = load_questions(path, None, DEFAULT_SUFFIXES)[0].messages
+    asked = load_questions(path, None, ANSWER_SUFFIXES)[0].messages
     assert asked[-1] == once["messages"][0]  # the training prompt is the one eval asks
 
 
@@ -545,14 +545,13 @@ def test_cluster_qlora_recipe_on_gpu(data, tmp_path):
 
 
 def test_answer_suffix_on_every_turn_of_a_grouped_row():
-    from eval.generate import DEFAULT_SUFFIXES
-    from train.common import add_answer_suffix
+    from medllava.prompts import ANSWER_SUFFIXES, add_answer_suffix
 
     row = {"id": "g", "images": ["a.png"], "answer_types": ["OPEN", "CLOSED"]}
     row["messages"] = [_user("Which side?"), _assistant("left"), _user("Is it large?"), _assistant("no")]
     out = add_answer_suffix(row)
     users = [m["content"][-1]["text"] for m in out["messages"] if m["role"] == "user"]
-    assert users == ["Which side? " + DEFAULT_SUFFIXES["OPEN"], "Is it large? " + DEFAULT_SUFFIXES["CLOSED"]]
+    assert users == ["Which side? " + ANSWER_SUFFIXES["OPEN"], "Is it large? " + ANSWER_SUFFIXES["CLOSED"]]
     assert add_answer_suffix(out) == out and row["messages"][0]["content"][-1]["text"] == "Which side?"
     assert [m["content"][-1]["text"] for m in out["messages"] if m["role"] == "assistant"] == ["left", "no"]
 

@@ -24,10 +24,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from eval.generate import DEFAULT_SUFFIXES, with_suffix
-from medllava.modeling import PROJECTOR_MODULE, freeze_for_stage, model_parts
-from medllava.processing import load_image, message_text
-from medllava.schema import SchemaError, read_jsonl, resolve_image, row_kind, token_length, validate_structure
+from medllava.assets import resolve_model
+from medllava.modeling import PROJECTOR_MODULE, count_trainable, freeze_for_stage
+from medllava.processing import load_image
+from medllava.prompts import add_answer_suffix
+from medllava.schema import SchemaError, read_valid_rows, row_kind, token_length
 from train.configs import NO_RESUME
 
 logger = logging.getLogger("medllava.train")
@@ -44,15 +45,6 @@ def setup_logging(training_args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """'default' -> the packaged base (built on first use); anything else is a Llava dir or a hub id."""
-    if name_or_path == "default":
-        from medllava.assets import base_dir
-
-        return str(base_dir())
-    return name_or_path
 
 
 # Quantize the LLM only: the projector trains in full (modules_to_save) and the vision tower stays exact.
@@ -138,7 +130,7 @@ def get_model(model_args, script_args, training_args):
 
     set_seed(training_args.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
     score_labelled_positions_only(script_args.lm_head_labelled_only)
-    path = resolve_model_path(model_args.model_name_or_path)
+    path = resolve_model(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -170,7 +162,7 @@ def get_model(model_args, script_args, training_args):
         "model %s, stage %s, trainable parameters per part: %s",
         path,
         script_args.stage,
-        trainable_by_part(model),
+        count_trainable(model),
     )
     return model, processor
 
@@ -184,15 +176,6 @@ def get_kbit_device_map():
     return trl_device_map()
 
 
-def trainable_by_part(model) -> dict[str, int]:
-    """Trainable parameters per part (vision/projector/llm, plus LoRA); ZeRO-3-partitioned tensors counted in full."""
-    counts = {}
-    for part, modules in model_parts(model).items():
-        params = {id(p): p for m in modules for p in m.parameters()}  # lm_head may be tied to the embeddings
-        counts[part] = sum(getattr(p, "ds_numel", p.numel()) for p in params.values() if p.requires_grad)
-    return counts
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,39 +186,13 @@ def load_rows(path: str | Path, image_root: str | Path | None = None, limit: int
 
     A malformed row or a missing image is an error naming the file, line and reason (fix the data, do not skip).
     """
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    rows = []
-    for line_no, row in read_jsonl(path):
-        problems = validate_structure(row)
-        images = [resolve_image(p, root).resolve() for p in row.get("images") or []]
-        problems += [f"image not found: {p}" for p in images if not p.is_file()]
-        if problems:
-            raise SchemaError(f"{path}:{line_no}: {'; '.join(problems)}")
-        rows.append({**row, "images": [str(p) for p in images]})
-        if limit is not None and len(rows) >= limit:
-            break
+    rows = [
+        {**row, "images": [str(Path(p).resolve()) for p in row["images"]]}
+        for _, row in read_valid_rows(path, image_root, require_images=True, limit=limit)
+    ]
     if not rows:
         raise SchemaError(f"{path}: no rows")
     return rows
-
-
-def add_answer_suffix(row: dict) -> dict:
-    """The row with eval's instruction for its answer type appended to its last user turn (once). Rows merged by
-    data_pipelines.group_turns carry `answer_types`, one per user turn: every turn gets its own instruction."""
-    key = "messages" if "messages" in row else "prompt"
-    if key not in row:
-        return row
-    users = [i for i, m in enumerate(row[key]) if m.get("role") == "user"]
-    types = row.get("answer_types")
-    if not isinstance(types, list) or len(types) != len(users):
-        types = [None] * (len(users) - 1) + [row.get("answer_type")] if users else []
-    messages = list(row[key])
-    for i, answer_type in zip(users, types, strict=True):
-        suffix = DEFAULT_SUFFIXES.get(answer_type)
-        if suffix and not message_text(messages[i]).rstrip().endswith(suffix):
-            messages[i] = with_suffix([messages[i]], suffix)[0]
-    return {**row, key: messages} if messages != row[key] else row
 
 
 def drop_long_rows(
@@ -535,7 +492,7 @@ def train_and_save(trainer, script_args, training_args, processor, report: dict)
         trim = MallocTrimCallback(script_args.malloc_trim_gib)
         trainer.add_callback(trim)
     checkpoint = resume_checkpoint(training_args)
-    report = {**report, "trainable": trainable_by_part(trainer.model)}
+    report = {**report, "trainable": count_trainable(trainer.model)}
     result = trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.accelerator.state
     report = {

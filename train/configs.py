@@ -50,7 +50,7 @@ class ScriptArguments(trl.ScriptArguments):
     answer_suffix: bool = field(
         default=False,
         metadata={
-            "help": "Append eval's per-answer-type instruction (eval.generate.DEFAULT_SUFFIXES, e.g. 'Answer yes or "
+            "help": "Append eval's per-answer-type instruction (medllava.prompts.ANSWER_SUFFIXES, e.g. 'Answer yes or "
             "no.') to the last user turn of rows with an answer_type, so VQA rows train on the prompts `make eval` "
             "asks."
         },
@@ -104,14 +104,15 @@ class GRPOScriptArguments(ScriptArguments):
     system_prompt: str | None = field(
         default=None,
         metadata={
-            "help": "System turn added to prompts without one (default: medllava.rewards.FORMAT_SYSTEM_PROMPT, "
+            "help": "System turn added to prompts without one (default: medllava.prompts.FORMAT_SYSTEM_PROMPT, "
             "which asks for the <answer> format); '' keeps the rows as they are."
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
-        from medllava.rewards import FORMAT_SYSTEM_PROMPT, REWARD_FUNCS
+        from medllava.prompts import FORMAT_SYSTEM_PROMPT
+        from medllava.rewards import REWARD_FUNCS
 
         if self.system_prompt is None:
             self.system_prompt = FORMAT_SYSTEM_PROMPT
@@ -125,9 +126,10 @@ class ModelConfig(trl.ModelConfig):
     """The model to start from and how it is adapted (full, LoRA, QLoRA)."""
 
     model_name_or_path: str | None = field(
-        default="default",
+        default="base",
         metadata={
-            "help": "'default' (the packaged base, python -m medllava.assets base), a Llava dir or a hub id."
+            "help": "'base' (the untrained packaged base), 'default' or 'starter' (medllava.assets.resolve_model), "
+            "a Llava dir or a hub id."
         },
     )
     lora_target_modules: list[str] | None = field(
@@ -142,7 +144,7 @@ class ModelConfig(trl.ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required ('default' for the packaged base)")
+            raise ValueError("model_name_or_path is required ('base' for the untrained packaged base)")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ValueError(
                 "load_in_4bit / load_in_8bit (QLoRA) need use_peft: true (a quantized base cannot train)"

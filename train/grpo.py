@@ -2,7 +2,7 @@
 
 Rows: {"id", "images", "prompt": [messages without the answer], "solution", "answer_type", ...}. Every dataset
 column reaches the reward functions (REWARD_FUNCS[name], weighted by reward_weights). Prompts without a system
-turn get medllava.rewards.FORMAT_SYSTEM_PROMPT, which asks for the `<answer>` format the `format` reward checks
+turn get medllava.prompts.FORMAT_SYSTEM_PROMPT, which asks for the `<answer>` format the `format` reward checks
 (set `system_prompt: ""` to keep the rows as they are). Generation is plain transformers `generate` (no vLLM on
 CPU); beta > 0 adds a KL penalty against model_name_or_path loaded again.
 

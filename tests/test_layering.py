@@ -1,0 +1,57 @@
+"""The layout is the architecture: stage folders import only the core (`medllava`), never each other.
+
+Parses every module's imports with `ast` (no module is imported), so a new cross-stage import fails here whatever
+the code path that would reach it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("data_pipelines", "train", "eval", "serve", "bench")
+CORE = "medllava"
+
+
+def imported_packages(path: Path) -> set[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in a file, at any depth (functions included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {(node.lineno, alias.name.split(".")[0]) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def violations(root: Path = REPO) -> list[str]:
+    out = []
+    for folder in (*STAGES, CORE):
+        for path in sorted((root / folder).rglob("*.py")):
+            for line, package in sorted(imported_packages(path)):
+                other_stage = package in STAGES and package != folder
+                if other_stage or (folder == CORE and package in STAGES):
+                    out.append(f"{path.relative_to(root)}:{line} imports {package}")
+    return out
+
+
+def test_stages_import_only_the_core():
+    assert violations() == []
+
+
+def test_the_check_catches_a_cross_stage_import(tmp_path):
+    for folder in (*STAGES, CORE):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "bench" / "x.py").write_text("def f():\n    from serve.__main__ import resolve_model\n")
+    (tmp_path / "medllava" / "y.py").write_text("import eval.generate\n")
+    (tmp_path / "train" / "z.py").write_text("from medllava.prompts import with_suffix\nfrom train import configs\n")
+    assert violations(tmp_path) == ["bench/x.py:2 imports serve", "medllava/y.py:1 imports eval"]
+
+
+@pytest.mark.parametrize("folder", STAGES)
+def test_stage_folders_exist(folder):
+    assert any((REPO / folder).rglob("*.py")), f"{folder}/ has no modules: update STAGES"
