@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import gemm_gflops, machine_state, markdown_table
+from bench.common import gemm_gflops, machine_state
 from medllava.assets import medllava_home, vision_dir
 from medllava.generation import generate
 from medllava.modeling import build_model, freeze_for_stage
 from medllava.processing import AssistantOnlyCollator
+from medllava.reports import markdown_table
 from medllava.schema import message
 
 
@@ -65,7 +66,10 @@ def measure(size: int, batch: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step = statistics.median(times[1:])
     model.eval()
-    question = {"images": [_example(0)["images"][0]], "messages": [message("user", "What modality is this?", 1)]}
+    question = {
+        "images": [_example(0)["images"][0]],
+        "messages": [message("user", "What modality is this?", 1)],
+    }
     generate(model, processor, [question], max_new_tokens=2)
     start = time.perf_counter()
     generate(model, processor, [question], max_new_tokens=16)

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from medllava.reports import markdown_table
+
 CONFIGS = {"stage1": "align", "stage2/3": "instruct"}
 # shared/PERFORMANCE.md: training bound by compute for the 135M LLM (6 x params FLOP per token), 2 threads
 COMPUTE_BOUND_TOK_S = {"bf16": 527.0, "fp32": 248.0}
@@ -198,17 +200,36 @@ def main(argv=None) -> int:
         f"default base at {results[0][1]['image_tokens'] // args.batch_size} image tokens per image, {args.dtype}, "
         f"batch {args.batch_size}, median of {args.steps} steps, {results[0][1]['threads']} threads"
     )
-    print(
-        "| step kind | malloc | trainable (M) | tokens/step (non-pad) | s/step | tokens/s | samples/s | "
-        "% of LLM compute bound | kernel share of CPU time | peak RSS (GiB) | other processes (cores busy) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results:
-        print(
-            f"| {name} | {r['malloc']} | {r['trainable_m']:.1f} | {r['tokens_per_step']} | {r['step_s']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {100 * r['tokens_per_s'] / bound:.0f}% | "
-            f"{100 * r['kernel_share']:.0f}% | {r['peak_rss_gib']:.2f} | {r['other_cores_busy']:.2f} |"
-        )
+    headers = [
+        "step kind",
+        "malloc",
+        "trainable (M)",
+        "tokens/step (non-pad)",
+        "s/step",
+        "tokens/s",
+        "samples/s",
+        "% of LLM compute bound",
+        "kernel share of CPU time",
+        "peak RSS (GiB)",
+        "other processes (cores busy)",
+    ]
+    rows = [
+        [
+            name,
+            r["malloc"],
+            f"{r['trainable_m']:.1f}",
+            r["tokens_per_step"],
+            f"{r['step_s']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['samples_per_s']:.2f}",
+            f"{100 * r['tokens_per_s'] / bound:.0f}%",
+            f"{100 * r['kernel_share']:.0f}%",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{r['other_cores_busy']:.2f}",
+        ]
+        for name, r in results
+    ]
+    print(markdown_table(headers, rows))
     busy = max(r["other_cores_busy"] for _, r in results)
     print(
         f"machine {'quiet' if busy < 0.1 else 'NOT quiet'}: other processes kept {busy:.2f} of "

@@ -2,7 +2,7 @@
 
 A small LLM answers "what modality is this?" from the image long before it can answer "is this an X-ray?": the
 closed question needs the name in the question compared with what the image shows, and SmolLM2-135M cannot even
-compare it with a sentence that states the answer (`python -m eval.yesno --tell`, docs/eval.md). Told rows teach
+compare it with a sentence that states the answer (`python -m eval.diagnostics.yesno --tell`, docs/eval.md). Told rows teach
 that comparison in words, cheaply (a caption is ~25 tokens, an image 64): each output row is a VQA conversation
 whose image is replaced by "Image description: <the image's caption>" before the first question. Mixed into the
 starter's stage 3 (a third of the conversations), they taught the comparison in words (AUC 0.85 when told) but

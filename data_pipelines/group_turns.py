@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                     len({tuple(r["images"]) for r in grouped}),
                 ]
             ],
-        )  # fmt: skip
+        )
     )
     print("turns per conversation: " + ", ".join(f"{k}: {turns[k]}" for k in sorted(turns)))
     rejects.report(args.output.with_suffix(".rejected.jsonl"))

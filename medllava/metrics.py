@@ -46,9 +46,19 @@ from medllava.schema import infer_answer_type
 # ---------------------------------------------------------------------------------------------------------------
 
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 _LLAVA_PUNCT = ';/[]"{}()=+\\_->@<`,?!'
 _DIGIT_COMMA = re.compile(r"\d,\d")
@@ -280,11 +290,20 @@ LABELS = {
 ANSWER_TYPE_METRICS: dict[str, tuple[str, ...]] = {
     "CLOSED": ("llava_closed_accuracy", "llava_closed_accuracy_yn", "strict_closed_accuracy"),
     "OPEN": (
-        "llava_recall", "llava_precision", "llava_f1", "llava_exact_match", "llava_open_hit",
-        "llava_bleu", "llava_bleu1", "llava_bleu2", "llava_bleu3", "strict_exact_match", "strict_token_f1",
+        "llava_recall",
+        "llava_precision",
+        "llava_f1",
+        "llava_exact_match",
+        "llava_open_hit",
+        "llava_bleu",
+        "llava_bleu1",
+        "llava_bleu2",
+        "llava_bleu3",
+        "strict_exact_match",
+        "strict_token_f1",
     ),
     "CHOICE": ("strict_choice_accuracy", "strict_exact_match"),
-}  # fmt: skip
+}
 
 # The accuracy reward per answer type (GRPO): strict, and graded for open answers (partial credit learns).
 ACCURACY_METRIC = {

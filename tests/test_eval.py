@@ -56,8 +56,15 @@ def write_vqa(directory: Path, n: int) -> Path:
         for i in range(n):
             random_image(i, size=(40 + i, 36)).save(directory / "images" / f"im{i}.png")
             question, answer, answer_type = QUESTIONS[i % len(QUESTIONS)]
-            row = make_vqa_row(f"q{i:03d}", [f"images/im{i}.png"], question, answer, answer_type,
-                               question_type=["PRES", "ORGAN", "POS"][i % 3], modality=["CT", "MRI"][i % 2])  # fmt: skip
+            row = make_vqa_row(
+                f"q{i:03d}",
+                [f"images/im{i}.png"],
+                question,
+                answer,
+                answer_type,
+                question_type=["PRES", "ORGAN", "POS"][i % 3],
+                modality=["CT", "MRI"][i % 2],
+            )
             f.write(json.dumps(row) + "\n")
     return directory / "vqa.jsonl"
 
@@ -68,8 +75,19 @@ def vqa_file(tmp_path_factory):
 
 
 def run_generate(model_dir, data, output, *extra):
-    args = gen.parse_args(["--model", str(model_dir), "--data", str(data), "--output", str(output),
-                           "--max-new-tokens", "6", *map(str, extra)])  # fmt: skip
+    args = gen.parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            "--max-new-tokens",
+            "6",
+            *map(str, extra),
+        ]
+    )
     return gen.run(args)
 
 
@@ -109,8 +127,21 @@ def test_reference_run_has_every_question_with_fields(reference_run):
 
 def test_resume_after_kill_equals_uninterrupted_run(varied_model_dir, vqa_file, reference_run, tmp_path):
     out = tmp_path / "predictions.jsonl"
-    cmd = [sys.executable, "-m", "eval.generate", "--model", str(varied_model_dir), "--data", str(vqa_file),
-           "--output", str(out), "--max-new-tokens", "6", "--batch-size", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.generate",
+        "--model",
+        str(varied_model_dir),
+        "--data",
+        str(vqa_file),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "1",
+    ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -147,8 +178,19 @@ def test_shards_cover_every_id_exactly_once(varied_model_dir, vqa_file, referenc
     seen = []
     for k in range(3):
         out = tmp_path / f"shard{k}.jsonl"
-        run_generate(varied_model_dir, vqa_file, out, "--batch-size", 4, "--num-shards", 3, "--shard-index", k,
-                     "--limit", 10)  # fmt: skip
+        run_generate(
+            varied_model_dir,
+            vqa_file,
+            out,
+            "--batch-size",
+            4,
+            "--num-shards",
+            3,
+            "--shard-index",
+            k,
+            "--limit",
+            10,
+        )
         ids = sorted(r["id"] for r in read_lines(out))
         assert ids == [f"q{i:03d}" for i in range(10) if i % 3 == k]
         seen += read_lines(out)
@@ -232,9 +274,22 @@ def test_unreadable_image_gives_a_counted_error_row(varied_model_dir, tmp_path):
 def test_generate_cli_errors_are_clear(tmp_path, varied_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"\n')
-    result = subprocess.run([sys.executable, "-m", "eval.generate", "--model", str(varied_model_dir), "--data",
-                             str(bad), "--output", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval.generate",
+            "--model",
+            str(varied_model_dir),
+            "--data",
+            str(bad),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "bad.jsonl:1: malformed JSON" in result.stderr
 
 
@@ -253,14 +308,26 @@ PREDICTIONS = [  # (id, answer, prediction, answer_type, question_type, modality
     ("8", "kidney cyst", "cyst", "OPEN", "ABN", "MRI"),
     ("9", "B", "(b)", "CHOICE", "ORGAN", "CT"),
     ("10", "C", "answer: a", "CHOICE", "ORGAN", "CT"),
-]  # fmt: skip
+]
 
 
 def write_predictions(path: Path, rows=PREDICTIONS, transform=lambda p: p) -> Path:
     with path.open("w") as f:
         for rid, answer, pred, at, qt, mod in rows:
-            f.write(json.dumps({"id": rid, "answer": answer, "prediction": transform(pred), "answer_type": at,
-                                "question_type": qt, "modality": mod, "model": "m"}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "answer": answer,
+                        "prediction": transform(pred),
+                        "answer_type": at,
+                        "question_type": qt,
+                        "modality": mod,
+                        "model": "m",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -326,7 +393,7 @@ def test_score_errors_name_the_file_and_line(tmp_path):
 
 
 def test_stage_table_rows_come_from_the_score_and_likelihood_files(tmp_path, capsys):
-    from eval import stages
+    from eval.diagnostics import stages
 
     modality = {
         "1",

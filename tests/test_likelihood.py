@@ -1,4 +1,4 @@
-"""eval.likelihood: mean NLL over exactly the assistant tokens the training collator labels."""
+"""eval.diagnostics.likelihood: mean NLL over exactly the assistant tokens the training collator labels."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 from conftest import random_image
 
-from eval.likelihood import assistant_nll, main
+from eval.diagnostics.likelihood import assistant_nll, main
 from medllava.generation import load
 from medllava.processing import AssistantOnlyCollator
 

@@ -14,8 +14,20 @@ from medllava.metrics import METRICS, extract_answer, extract_choice, llava_norm
 # The definitions, transcribed independently (plain loops, no shared helpers from medllava.metrics)
 # ---------------------------------------------------------------------------------------------------------------
 
-NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-           "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 SPECIAL = [
     ";",
     "/",
@@ -39,13 +51,22 @@ SPECIAL = [
     "?",
     "!",
 ]
-APOSTROPHE_FREE = {"dont": "don't", "isnt": "isn't", "cant": "can't", "whats": "what's", "theres": "there's",
-                   "couldnt've": "couldn't've", "couldn'tve": "couldn't've", "twas": "'twas"}  # fmt: skip
+APOSTROPHE_FREE = {
+    "dont": "don't",
+    "isnt": "isn't",
+    "cant": "can't",
+    "whats": "what's",
+    "theres": "there's",
+    "couldnt've": "couldn't've",
+    "couldn'tve": "couldn't've",
+    "twas": "'twas",
+}
 
 
 def ref_normalize(text):
-    has_digit_comma = any(text[i - 1].isdigit() and text[i] == "," and text[i + 1].isdigit()
-                          for i in range(1, len(text) - 1))  # fmt: skip
+    has_digit_comma = any(
+        text[i - 1].isdigit() and text[i] == "," and text[i + 1].isdigit() for i in range(1, len(text) - 1)
+    )
     out = text
     for ch in SPECIAL:
         if ch + " " in text or " " + ch in text or has_digit_comma:
@@ -130,23 +151,52 @@ def ref_bleu(pred, gt, weights):
 
 # Hand-written (prediction, answer) pairs, edge cases included.
 CLOSED_PAIRS = [
-    ("yes", "yes"), ("Yes.", "yes"), ("No", "yes"), ("no", "no"), ("The lesion is abnormal.", "no"),
-    ("It is not there", "no"), ("nodule present", "no"), ("yes, there is no doubt", "yes"),
-    ("YES, NO", "no"), ("", "yes"), ("Maybe", "no"), ("left", "left"), ("The left one", "left"),
-    ("I can't tell", "yes"), ("none", "no"), ("yes!!", "yes"),
-]  # fmt: skip
+    ("yes", "yes"),
+    ("Yes.", "yes"),
+    ("No", "yes"),
+    ("no", "no"),
+    ("The lesion is abnormal.", "no"),
+    ("It is not there", "no"),
+    ("nodule present", "no"),
+    ("yes, there is no doubt", "yes"),
+    ("YES, NO", "no"),
+    ("", "yes"),
+    ("Maybe", "no"),
+    ("left", "left"),
+    ("The left one", "left"),
+    ("I can't tell", "yes"),
+    ("none", "no"),
+    ("yes!!", "yes"),
+]
 OPEN_PAIRS = [
-    ("left lung", "left lung"), ("The left lung.", "left lung"), ("left left left", "left lung"),
-    ("right", "left"), ("There are two nodules", "2"), ("2", "two"), ("", "liver"), ("liver", ""),
-    ("the the a", "the"), ("MRI - T2 weighted", "t2 weighted"), ("x-ray", "x ray"), ("1,000 cells", "1000 cells"),
-    ("fracture of the 3.5 cm bone.", "3.5 cm"), ("It dont matter", "don't"), ("brain, skull (axial)", "brain"),
-    ("a b c d e", "a b c"), ("cyst cyst cyst cyst in kidney", "kidney cyst"), ("none", "zero"),
-    ("Whats that? it's the heart!", "heart"), ("grade II glioma", "grade ii glioma"),
-]  # fmt: skip
+    ("left lung", "left lung"),
+    ("The left lung.", "left lung"),
+    ("left left left", "left lung"),
+    ("right", "left"),
+    ("There are two nodules", "2"),
+    ("2", "two"),
+    ("", "liver"),
+    ("liver", ""),
+    ("the the a", "the"),
+    ("MRI - T2 weighted", "t2 weighted"),
+    ("x-ray", "x ray"),
+    ("1,000 cells", "1000 cells"),
+    ("fracture of the 3.5 cm bone.", "3.5 cm"),
+    ("It dont matter", "don't"),
+    ("brain, skull (axial)", "brain"),
+    ("a b c d e", "a b c"),
+    ("cyst cyst cyst cyst in kidney", "kidney cyst"),
+    ("none", "zero"),
+    ("Whats that? it's the heart!", "heart"),
+    ("grade II glioma", "grade ii glioma"),
+]
 
 
-@pytest.mark.parametrize("text", [p for pair in CLOSED_PAIRS + OPEN_PAIRS for p in pair]
-                         + ["a.b.c. " * 20, "1,2 and (3)", "x -y", "dont isnt couldnt've twas"])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [p for pair in CLOSED_PAIRS + OPEN_PAIRS for p in pair]
+    + ["a.b.c. " * 20, "1,2 and (3)", "x -y", "dont isnt couldnt've twas"],
+)
 def test_normalisation_matches_the_definition(text):
     assert llava_normalize(text.lower()) == ref_normalize(text.lower())
 
@@ -174,8 +224,12 @@ def test_open_metrics_match_llava_med(pred, gt):
     assert METRICS["llava_f1"](pred, gt) == pytest.approx(f1, abs=1e-6)
     assert METRICS["llava_exact_match"](pred, gt) == pytest.approx(ref_exact(pred, gt), abs=1e-6)
     assert METRICS["llava_open_hit"](pred, gt) == float(once(gt) in once(pred))
-    for name, weights in [("llava_bleu", (0.25,) * 4), ("llava_bleu1", (1, 0, 0, 0)),
-                          ("llava_bleu2", (0, 1, 0, 0)), ("llava_bleu3", (0, 0, 1, 0))]:  # fmt: skip
+    for name, weights in [
+        ("llava_bleu", (0.25,) * 4),
+        ("llava_bleu1", (1, 0, 0, 0)),
+        ("llava_bleu2", (0, 1, 0, 0)),
+        ("llava_bleu3", (0, 0, 1, 0)),
+    ]:
         assert METRICS[name](pred, gt) == pytest.approx(ref_bleu(pred, gt, weights), abs=1e-6), name
 
 
@@ -193,8 +247,16 @@ def test_known_values():
 
 
 def test_strict_closed():
-    cases = {("Yes.", "yes"): 1, ("yes, no doubt", "yes"): 0, ("No", "yes"): 0, ("no no", "no"): 1,
-             ("Not sure", "no"): 0, ("", "no"): 0, ("Left.", "left"): 1, ("left side", "left"): 0}  # fmt: skip
+    cases = {
+        ("Yes.", "yes"): 1,
+        ("yes, no doubt", "yes"): 0,
+        ("No", "yes"): 0,
+        ("no no", "no"): 1,
+        ("Not sure", "no"): 0,
+        ("", "no"): 0,
+        ("Left.", "left"): 1,
+        ("left side", "left"): 0,
+    }
     for (pred, gt), want in cases.items():
         assert METRICS["strict_closed_accuracy"](pred, gt) == want, (pred, gt)
 
@@ -209,11 +271,23 @@ def test_strict_open():
     assert METRICS["strict_token_f1"]("", "") == 1.0 and METRICS["strict_token_f1"]("x", "") == 0.0
 
 
-@pytest.mark.parametrize("text,letter", [
-    ("B", "B"), ("(B)", "B"), ("b", "B"), ("B. Pneumonia", "B"), ("B) Pneumonia", "B"), ("answer: b", "B"),
-    ("The answer is (C).", "C"), ("<answer>D</answer>", "D"), ("<think>A or B?</think> <answer>B</answer>", "B"),
-    ("a pneumonia", None), ("pneumonia", None), ("", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("b", "B"),
+        ("B. Pneumonia", "B"),
+        ("B) Pneumonia", "B"),
+        ("answer: b", "B"),
+        ("The answer is (C).", "C"),
+        ("<answer>D</answer>", "D"),
+        ("<think>A or B?</think> <answer>B</answer>", "B"),
+        ("a pneumonia", None),
+        ("pneumonia", None),
+        ("", None),
+    ],
+)
 def test_extract_choice(text, letter):
     assert extract_choice(text) == letter
 
@@ -245,7 +319,10 @@ def test_registry_shape():
             value = fn(pred, gt)
             assert isinstance(value, float) and 0.0 <= value <= 1.0, name
     assert metrics.score("No.", "no", "CLOSED") == {
-        "llava_closed_accuracy": 1.0, "llava_closed_accuracy_yn": 1.0, "strict_closed_accuracy": 1.0}  # fmt: skip
+        "llava_closed_accuracy": 1.0,
+        "llava_closed_accuracy_yn": 1.0,
+        "strict_closed_accuracy": 1.0,
+    }
     with pytest.raises(ValueError, match="unknown answer_type"):
         metrics.metrics_for("FREE")
 
@@ -264,6 +341,11 @@ def test_no_model_or_network_needed():
     import sys
 
     code = "from medllava.metrics import METRICS; print(METRICS['llava_bleu1']('left lung', 'left lung'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "NLTK_DATA": "/nonexistent"})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "NLTK_DATA": "/nonexistent"},
+    )
     assert re.fullmatch(r"1\.0\s*", out.stdout)

@@ -1,4 +1,4 @@
-"""eval.probe: softmax-regression probes on a Llava's frozen patch features, scored on held-out images."""
+"""eval.diagnostics.probe: softmax-regression probes on a Llava's frozen patch features, scored on held-out images."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.probe import FACTS, fact_value, fit_mlp_probe, fit_probe, main
+from eval.diagnostics.probe import FACTS, fact_value, fit_mlp_probe, fit_probe, main
 
 
 def test_fit_probe_learns_a_separable_rule_and_not_noise():
@@ -93,7 +93,7 @@ def test_mlp_probe_reads_where_a_token_is_and_not_noise():
 def test_image_size_changes_the_grid_the_tower_sees(tiny_model_dir, tmp_path):
     import pytest
 
-    from eval.probe import image_features, set_image_size
+    from eval.diagnostics.probe import image_features, set_image_size
     from medllava.generation import load
 
     model, processor = load(str(tiny_model_dir))

@@ -1,11 +1,11 @@
-"""eval.yesno: first-token yes/no preference on closed questions, scored as ROC AUC per question type."""
+"""eval.diagnostics.yesno: first-token yes/no preference on closed questions, scored as ROC AUC per question type."""
 
 import json
 
 import pytest
 from conftest import random_image
 
-from eval.yesno import best_threshold_accuracy, main, roc_auc
+from eval.diagnostics.yesno import best_threshold_accuracy, main, roc_auc
 
 
 def test_roc_auc_and_best_threshold():
@@ -62,8 +62,8 @@ def test_yesno_refuses_a_file_without_closed_questions(tiny_model_dir, tmp_path)
 
 
 def test_tell_puts_the_rows_fact_before_the_question(tmp_path):
+    from eval.diagnostics.yesno import tell
     from eval.generate import load_questions
-    from eval.yesno import tell
     from medllava.schema import SchemaError
 
     rows = [_row(0, "Is this a CT image?", "no", "CLOSED", "MODALITY") | {"modality": "MRI"}]

@@ -1,8 +1,8 @@
 """Held-out likelihood of the assistant turns of a schema file: what stages 1 and 2 are trained to improve.
 
 Usage:
-    python -m eval.likelihood --model outputs/starter/stage1_align --data data/medsynth/captions_val.jsonl
-    python -m eval.likelihood --model default --data data/medsynth/instruct_val.jsonl --output nll.json
+    python -m eval.diagnostics.likelihood --model outputs/starter/stage1_align --data data/medsynth/captions_val.jsonl
+    python -m eval.diagnostics.likelihood --model default --data data/medsynth/instruct_val.jsonl --output nll.json
 
 Prints (and with --output writes) the mean negative log-likelihood per assistant token and its perplexity,
 computed with the training collator, so exactly the tokens a stage learns are scored.

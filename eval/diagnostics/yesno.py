@@ -17,9 +17,9 @@ image."`: if the AUC stays near 0.5 when the model is told the fact in words, th
 question with the fact, not in seeing it.
 
 Usage:
-    python -m eval.yesno --model default --data data/medsynth/vqa_val.jsonl
-    python -m eval.yesno --model outputs/starter/dpo --data data/medsynth/vqa_val.jsonl --output outputs/yesno.json
-    python -m eval.yesno --model default --tell "This is a {modality} image."
+    python -m eval.diagnostics.yesno --model default --data data/medsynth/vqa_val.jsonl
+    python -m eval.diagnostics.yesno --model outputs/starter/dpo --data data/medsynth/vqa_val.jsonl --output outputs/yesno.json
+    python -m eval.diagnostics.yesno --model default --tell "This is a {modality} image."
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from eval.generate import load_questions
 from medllava.assets import resolve_model
 from medllava.prompts import ANSWER_SUFFIXES, with_prefix
+from medllava.reports import markdown_table
 from medllava.schema import SchemaError, read_jsonl
 
 
@@ -124,23 +125,36 @@ def summarise(questions, scores) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        "| question type | n | AUC | best-threshold acc | greedy acc (s >= 0) | mean log P(yes)/P(no) | P(yes)+P(no) |",
-        "|---|---|---|---|---|---|---|",
+    headers = [
+        "question type",
+        "n",
+        "AUC",
+        "best-threshold acc",
+        "greedy acc (s >= 0)",
+        "mean log P(yes)/P(no)",
+        "P(yes)+P(no)",
     ]
-    for key, r in result.items():
-        auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
-        lines.append(
-            f"| {key} | {r['n']} | {auc} | {100 * r['best_threshold_acc']:.1f} | {100 * r['acc_at_0']:.1f} "
-            f"| {r['mean_score']:+.2f} | {r['yes_no_mass']:.3f} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            key,
+            r["n"],
+            "-" if r["auc"] is None else f"{r['auc']:.3f}",
+            f"{100 * r['best_threshold_acc']:.1f}",
+            f"{100 * r['acc_at_0']:.1f}",
+            f"{r['mean_score']:+.2f}",
+            f"{r['yes_no_mass']:.3f}",
+        ]
+        for key, r in result.items()
+    ]
+    return markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     from medllava.generation import load
 
-    parser = argparse.ArgumentParser(prog="python -m eval.yesno", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.diagnostics.yesno", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", default="default", help="'default' or a Llava directory")
     parser.add_argument("--data", type=Path, default=Path("data/medsynth/vqa_val.jsonl"))
     parser.add_argument("--suffix", default=ANSWER_SUFFIXES["CLOSED"], help="appended to each question")

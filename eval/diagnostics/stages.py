@@ -1,10 +1,10 @@
-"""One markdown row per model from eval.score and eval.likelihood outputs: the model card's per-stage table.
+"""One markdown row per model from eval.score and eval.diagnostics.likelihood outputs: the model card's per-stage table.
 
 Usage:
-    python -m eval.stages base=outputs/starter/eval_base stage1=outputs/starter/eval_stage1_align ...
+    python -m eval.diagnostics.stages base=outputs/starter/eval_base stage1=outputs/starter/eval_stage1_align ...
 
 Each DIR holds metrics.json (eval.score, one run) and optionally nll_captions.json and nll_instruct.json
-(eval.likelihood --output). Columns: questions scored, strict and LLaVA-Med closed accuracy, strict open exact
+(eval.diagnostics.likelihood --output). Columns: questions scored, strict and LLaVA-Med closed accuracy, strict open exact
 match, LLaVA-Med open recall, strict open token F1 (each with its bootstrap 95% interval), strict accuracy on
 the MODALITY questions (closed and open together), and the two held-out NLLs per assistant token.
 """
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from eval.score import percent_cell
+from medllava.reports import markdown_table
 
 COLUMNS = (
     "model",
@@ -61,13 +62,13 @@ def stage_row(name: str, directory: Path) -> list[str]:
 
 
 def table(stages: list[tuple[str, Path]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(stage_row(name, directory)) + " |" for name, directory in stages]
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, [stage_row(name, directory) for name, directory in stages])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.stages", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.diagnostics.stages", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("stages", nargs="+", metavar="NAME=DIR", help="a row name and its eval directory")
     args = parser.parse_args(argv)
     stages = []

@@ -17,9 +17,9 @@ embedding), mean- and max-pooled over the patches, then a softmax layer; its epo
 (`instances_val.jsonl`), so the test images stay unseen.
 
 Usage:
-    python -m eval.probe --model default --data data/medsynth
-    python -m eval.probe --model outputs/starter/stage1_align --layers=-2,-4,-6 --output outputs/probe.json
-    python -m eval.probe --model default --probe mlp           # nonlinear readout of every patch token
+    python -m eval.diagnostics.probe --model default --data data/medsynth
+    python -m eval.diagnostics.probe --model outputs/starter/stage1_align --layers=-2,-4,-6 --output outputs/probe.json
+    python -m eval.diagnostics.probe --model default --probe mlp           # nonlinear readout of every patch token
 
 Prints one table row per (layer, pooling) with test accuracy per fact, and the majority-class baseline.
 """
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from medllava.assets import resolve_model
 from medllava.generation import load
 from medllava.processing import load_image
+from medllava.reports import markdown_table
 from medllava.schema import read_rows
 
 # fact -> which images it is defined on (None: every image)
@@ -264,20 +265,12 @@ def set_image_size(processor, pixels: int) -> None:
 
 def table(result: dict) -> str:
     facts = list(FACTS)
-    lines = [
-        "| layer | probe | pooling | " + " | ".join(facts) + " |",
-        "|---|---|---|" + "---|" * len(facts),
-    ]
     first = result["probes"][0]["facts"] if result["probes"] else {}
-    lines.append(
-        "| majority | - | - | "
-        + " | ".join(f"{first[f]['majority']:.2f}" if f in first else "-" for f in facts)
-        + " |"
-    )
+    rows = [["majority", "-", "-", *(f"{first[f]['majority']:.2f}" if f in first else "-" for f in facts)]]
     for row in result["probes"]:
         cells = [f"{row['facts'][f]['accuracy']:.2f}" if f in row["facts"] else "-" for f in facts]
-        lines.append(f"| {row['layer']} | {row['probe']} | {row['pooling']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([row["layer"], row["probe"], row["pooling"], *cells])
+    return markdown_table(["layer", "probe", "pooling", *facts], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
