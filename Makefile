@@ -6,6 +6,8 @@ PIP := $(VENV)/bin/pip
 export MEDLLAVA_HOME ?= $(HOME)/.cache/medllava
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
+# Only medllava and data_pipelines are installed (pyproject.toml); train, eval, serve and bench run from here.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Machines without an NVIDIA GPU get the CPU build of torch (a plain `torch` from PyPI is a multi-GB CUDA build).
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

@@ -7,14 +7,27 @@ missing). Models are random and tiny (a few hundred thousand parameters), so the
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The stage folders (train, eval, serve, bench) run from the checkout, not from site-packages (README "Layout"):
+# subprocesses the tests start (python -m eval.generate, accelerate launch train/sft.py) find them through this.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_model(image_size: int = 28, seed: int = 0, vision_hidden: int = 32, text_hidden: int = 64):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import random_image
+from conftest import free_port, random_image
 
 from data_pipelines import instruct
 from medllava.schema import read_rows, validate_row
@@ -362,16 +361,9 @@ def test_convert_llava_med_instruct_layout(tmp_path):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "serve" / "__main__.py").exists(), reason="serve/__main__.py not written yet")
 def test_generate_against_our_serve_server(tmp_path, tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,

@@ -48,10 +48,31 @@ def test_the_check_catches_a_cross_stage_import(tmp_path):
         (tmp_path / folder).mkdir()
     (tmp_path / "bench" / "x.py").write_text("def f():\n    from serve.__main__ import resolve_model\n")
     (tmp_path / "medllava" / "y.py").write_text("import eval.generate\n")
-    (tmp_path / "train" / "z.py").write_text("from medllava.prompts import with_suffix\nfrom train import configs\n")
+    (tmp_path / "train" / "z.py").write_text(
+        "from medllava.prompts import with_suffix\nfrom train import configs\n"
+    )
     assert violations(tmp_path) == ["bench/x.py:2 imports serve", "medllava/y.py:1 imports eval"]
 
 
 @pytest.mark.parametrize("folder", STAGES)
 def test_stage_folders_exist(folder):
     assert any((REPO / folder).rglob("*.py")), f"{folder}/ has no modules: update STAGES"
+
+
+def test_installing_puts_no_generic_top_level_names_in_site_packages(tmp_path):
+    """Only `medllava` and `data_pipelines` are packaged; `train`, `eval`, `serve` and `bench` would collide with
+    other projects' modules of those names, so they run from the checkout."""
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["medllava*", "data_pipelines*"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    names = ["medllava", "data_pipelines", *STAGES[1:]]
+    code = f"import importlib.util as u; print([m for m in {names!r} if u.find_spec(m)])"
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert found.stdout.strip() == "['medllava', 'data_pipelines']", found.stderr
