@@ -32,7 +32,8 @@ from pathlib import Path
 from medllava.reports import markdown_table
 
 CONFIGS = {"stage1": "align", "stage2/3": "instruct"}
-# shared/PERFORMANCE.md: training bound by compute for the 135M LLM (6 x params FLOP per token), 2 threads
+# Training bound by compute for the 135M LLM (6 x params FLOP per token) at the 2-thread GEMM peak measured on
+# this machine kind (~200 GFLOP/s fp32, ~425 bf16)
 COMPUTE_BOUND_TOK_S = {"bf16": 527.0, "fp32": 248.0}
 
 

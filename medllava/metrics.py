@@ -9,7 +9,7 @@ Every registered metric is `fn(prediction, answer) -> float` in [0, 1]; the pred
 `extract_answer`, so `<think>...</think><answer>...</answer>` completions score on the answer alone.
 
 LLaVA-Med-compatible (`llava_*`) follow LLaVA-Med v1.0's `llava/eval/run_eval*.py` and `eval_metrics/`
-(see shared ANCHORS.md), including their quirks, so that their numbers can be reproduced:
+(https://github.com/microsoft/LLaVA-Med, branch v1.0.0), including their quirks, so that their numbers can be reproduced:
 - normalisation (`llava_normalize`): lowercase; a fixed list of punctuation characters is deleted when the text
   has it next to a space (or has a digit,digit comma) and replaced by a space otherwise (":" and "'" are not in
   the list and stay); periods not followed by a digit are deleted (at most 32, the `count` their call passes by

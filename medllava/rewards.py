@@ -9,7 +9,7 @@ skips it), so answer-type-specific rewards can be combined with weights (GRPOCon
     REWARD_FUNCS["accuracy"](prompts, [[{"role": "assistant", "content": "<answer>yes</answer>"}]],
                              solution=["yes"], answer_type=["CLOSED"])          # [1.0]
 
-Rewards (Med-R1 uses format + accuracy; see shared ANCHORS.md):
+Rewards (Med-R1, arXiv:2503.13939, trains with format + accuracy rewards):
 - format: 1.0 when the completion is `<answer>...</answer>`, optionally preceded by `<think>...</think>`.
 - accuracy: the default accuracy metric of the row's answer type (metrics.ACCURACY_METRIC): strict yes/no
   for CLOSED, token F1 (partial credit, 1.0 on a normalised exact match) for OPEN, option letter for CHOICE.
