@@ -1,13 +1,18 @@
 """medsynth: deterministic, leak-free across splits (no shared slice, no overlapping region), every modality in
 every split, balanced, valid schema rows, answers that match the pixels.
 
-Two small builds (--size 0.03, ~60 images each) are made once per module: one in-process, one with 2 workers.
+Two small builds (--size 0.03, ~60 images each) are made once per module: one in-process, one through the
+command line (`python -m data_pipelines.medsynth`) with 2 workers. Both must match, byte for byte, the sha256
+manifest in tests/fixtures/medsynth_manifest.json, made by the code before it became a package.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,6 +24,8 @@ from data_pipelines import medsynth as ms
 from medllava.schema import read_rows, validate_row, vqa_answer, vqa_question
 
 SIZE = "0.03"
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "tests" / "fixtures" / "medsynth_manifest.json"
 
 
 def _build(out: Path, seed: int, workers: int) -> Path:
@@ -28,10 +35,19 @@ def _build(out: Path, seed: int, workers: int) -> Path:
     return out
 
 
+def _build_cli(out: Path, seed: int, workers: int) -> Path:
+    args = ["--out", str(out), "--seed", str(seed), "--size", SIZE, "--num-workers", str(workers)]
+    done = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.medsynth", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("medsynth")
-    return _build(root / "a", 3, 1), _build(root / "b", 3, 2)
+    return _build(root / "a", 3, 1), _build_cli(root / "b", 3, 2)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +78,18 @@ def test_same_seed_same_bytes_whatever_the_worker_count(built):
     assert any(f.endswith(".png") for f in files_a) and "README.md" in files_a
     different = [f for f in files_a if _digest(a / f) != _digest(b / f)]
     assert different == []
+
+
+def test_build_matches_the_committed_manifest(built):
+    """Every file of the seed-3 build (every JSONL, PNG and the README) has the sha256 it had before medsynth
+    became a package: a changed wording, order of random draws, lesion pixel or README line fails here."""
+    manifest = json.loads(MANIFEST.read_text(encoding="utf-8"))
+    assert manifest["args"] == ["--seed", "3", "--size", SIZE]  # the build of the `built` fixture
+    out = built[0]
+    files = {p.relative_to(out).as_posix(): _digest(p) for p in out.rglob("*") if p.is_file()}
+    assert sorted(files) == sorted(manifest["files"])
+    changed = sorted(f for f, digest in files.items() if digest != manifest["files"][f])
+    assert changed == []
 
 
 def test_different_seeds_give_different_instances():
