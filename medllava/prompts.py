@@ -10,7 +10,8 @@
 - The answer format (`FORMAT_SYSTEM_PROMPT`, `is_answer_format`): `<think>...</think><answer>...</answer>`, asked
   for by GRPO's system prompt and checked by its `format` reward.
 - Answer extraction (`extract_answer`, `extract_choice`): what every metric scores, so a tagged completion is
-  scored on its answer alone.
+  scored on its answer alone, and a closed answer that states its finding first ("This is an MRI of the head.
+  No.", built by `stated_answer`) on its verdict.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ FORMAT_SYSTEM_PROMPT = (
 )
 _FORMAT = re.compile(r"^\s*(?:<think>.*?</think>\s*)?<answer>.+?</answer>\s*$", re.DOTALL | re.IGNORECASE)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+# A closed answer that states the finding first ends with the verdict as a sentence of its own.
+_VERDICT = re.compile(r"[.!?:;]\s+(yes|no)[.!]?$", re.IGNORECASE)
 # A letter standing alone at the start ("B", "(B)", "B. xxx", "B) xxx", "B: xxx"), or after "answer"/"option".
 _CHOICE_PATTERNS = (
     re.compile(r"^\(([a-z])\)"),
@@ -104,11 +107,26 @@ def is_answer_format(text: str) -> bool:
     return bool(_FORMAT.match(text))
 
 
+def stated_answer(statement: str, verdict: str) -> str:
+    """A closed answer that says what it sees before the verdict: ("This is an MRI of the head", "no") ->
+    "This is an MRI of the head. No." (`extract_answer` gives back "No")."""
+    if verdict.strip().lower() not in ("yes", "no"):
+        raise ValueError(f"a verdict is yes or no, not {verdict!r}")
+    return f"{statement.strip().rstrip('.')}. {verdict.strip().capitalize()}."
+
+
 def extract_answer(text: str) -> str:
-    """The content of the first `<answer>...</answer>` if there is one, else the whole text (stripped)."""
+    """The final answer of a reply, which is what every metric scores:
+    - the content of the first `<answer>...</answer>` if there is one;
+    - else the verdict of a stated-finding closed answer ("This is a CT of the chest. No." -> "No");
+    - else the whole text (stripped)."""
     text = "" if text is None else str(text)
     match = _ANSWER_TAG.search(text)
-    return (match.group(1) if match else text).strip()
+    if match:
+        return match.group(1).strip()
+    text = text.strip()
+    verdict = _VERDICT.search(text)
+    return verdict.group(1) if verdict else text
 
 
 def extract_choice(text: str) -> str | None:
