@@ -21,7 +21,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medllava.schema import ANSWER_TYPES, message, resolve_image, write_json, write_jsonl
+from medllava.schema import (
+    ANSWER_TYPES,
+    IMAGE_ROOTS_FILE,
+    SchemaError,
+    message,
+    recorded_image_roots,
+    resolve_image,
+    write_json,
+    write_jsonl,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".nii", ".gz")
 IMAGE_MODES = ("copy", "symlink", "relative")
@@ -36,7 +45,7 @@ def reason_key(reason: str) -> str:
     reason = re.sub(r"^\S*\[\d+\](?: part \d+)?: ", "", reason)
     head, _, rest = reason.partition(": ")
     key = head if len(head) >= 12 or not rest else f"{head}: {rest}"
-    return re.sub(r"\d+", "N", key)
+    return re.sub(r"\d+", "N", key).replace("UTF-N", "UTF-8")
 
 
 class Rejects:
@@ -57,7 +66,7 @@ class Rejects:
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
-        write_jsonl(path, self.items)
+        write_jsonl(path, (writable(item) for item in self.items))
         return path
 
     def report(self, path: str | Path | None, label: str = "rejected") -> None:
@@ -70,6 +79,22 @@ class Rejects:
         print(f"{label}: {len(self.items)} row(s)" + (f", with reasons, in {path}" if path else ""))
         for reason, n in self.reason_counts().most_common(8):
             print(f"  {n:6d}  {reason[:100]}")
+
+
+def writable(value: Any) -> Any:
+    """`value` with every string that cannot be written as UTF-8 (a lone surrogate from a rejected row) shown
+    with a backslash escape instead, so the rejects file is always written."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {writable(k): writable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [writable(v) for v in value]
+    return value
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -400,6 +425,40 @@ def unique_id(row_id: str, seen: Counter) -> str:
     return row_id if seen[row_id] == 1 else f"{row_id}-{seen[row_id]}"
 
 
+def record_image_roots(out_dir: Path, rows: Iterable[dict]) -> list[Path]:
+    """Record in OUT/image_roots.json the folders outside OUT that the rows' images resolve into, so that the
+    validator, train and eval accept this converter's own output without a flag (see
+    medllava.schema.recorded_image_roots). Roots already recorded there are kept. Returns the roots added.
+
+    The root is the deepest folder holding every image that leaves OUT (e.g. the release's image folder behind
+    `--images relative` or `symlink`, or the `--image-root` of caption rows); images spread over the whole
+    filesystem are recorded folder by folder rather than as `/`.
+    """
+    out_real = out_dir.resolve()
+    parents: set[str] = set()
+    for row in rows:
+        for image in row.get("images") or []:
+            real = Path(os.path.realpath(out_dir / image))
+            if not real.is_relative_to(out_real):
+                parents.add(str(real.parent))
+    if not parents:
+        return []
+    common = Path(os.path.commonpath(sorted(parents)))
+    found = [Path(p) for p in sorted(parents)] if common == Path(common.anchor) else [common]
+    try:
+        known = recorded_image_roots(out_dir)
+    except SchemaError:
+        known = []
+    new = [root for root in found if not any(root.is_relative_to(k) for k in known)]
+    if new:
+        entries = [os.path.relpath(root, out_real) for root in known + new]
+        write_json(out_dir / IMAGE_ROOTS_FILE, {"roots": entries})
+        print(
+            f"images outside {out_dir} come from {', '.join(map(str, new))}: recorded in {IMAGE_ROOTS_FILE}"
+        )
+    return new
+
+
 def write_splits(
     splits: dict[str, list[dict]],
     out_dir: Path,
@@ -418,6 +477,7 @@ def write_splits(
     rejects.report(out_dir / "rejected.jsonl")
     if leak_distance is not None and leak_distance >= 0:
         write_leakage_report(splits, out_dir, leak_distance)
+    record_image_roots(out_dir, (row for rows in splits.values() for row in rows))
     print(f"wrote {', '.join(str(out_dir / f'{n}.jsonl') for n in splits)}")
 
 
@@ -429,6 +489,7 @@ def write_rows(
     write_jsonl(path, rows)
     print(format_table(headers, [values]))
     rejects.report(path.with_suffix(".rejected.jsonl"))
+    record_image_roots(path.parent, rows)
     print(f"wrote {path}")
 
 

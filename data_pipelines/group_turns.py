@@ -27,7 +27,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from data_pipelines.common import Rejects, format_table
+from data_pipelines.common import Rejects, format_table, record_image_roots
 from medllava.schema import (
     SchemaError,
     conversation,
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     )
     print("turns per conversation: " + ", ".join(f"{k}: {turns[k]}" for k in sorted(turns)))
     rejects.report(args.output.with_suffix(".rejected.jsonl"))
+    record_image_roots(args.output.parent, grouped)
     print(f"wrote {args.output}")
     return 0
 

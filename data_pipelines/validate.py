@@ -4,24 +4,43 @@ Usage:
     python -m data_pipelines.validate data/vqa_rad/train.jsonl --image-root data/vqa_rad
     python -m data_pipelines.validate data/*.jsonl --model ~/.cache/medllava/base-112px --max-tokens 1024
 
-Per row: JSON object, schema (id, images, messages / prompt+solution / prompt+chosen+rejected), every image
-exists under the image root (default: the file's own directory) and decodes with medllava.processing.load_image,
-image placeholders == images, roles alternate, no empty turns, no duplicate ids, and with --model the length in
-tokens after image expansion (over --max-tokens is a rejection). Rejected rows go to FILE.rejected.jsonl (or
---rejects) with line number and reasons. Exits 1 if any row was rejected, unless --allow-rejects.
+Per row: a UTF-8 JSON object, the schema (id, images, messages / prompt+solution / prompt+chosen+rejected);
+every image path resolves (symlinks followed) inside the image root (default: the file's own directory; also
+the folders its converter recorded in ROOT/image_roots.json and those given with --allow-root), exists and
+decodes with medllava.processing.load_image; image placeholders == images, roles alternate, no empty turns, no
+chat control token in text (medllava.schema.CONTROL_TOKENS), every string encodes as UTF-8, no duplicate ids,
+and with --model the length in tokens after image expansion (over --max-tokens is a rejection). A line that
+cannot be read (not UTF-8, malformed or too deeply nested JSON) is a rejected row like any other: the rest of
+the file is still checked. Rejected rows go to FILE.rejected.jsonl (or --rejects) with line number and
+reasons. Exits 1 if any row was rejected, unless --allow-rejects.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
 from data_pipelines.common import Rejects, format_table, progress
-from medllava.schema import row_kind, validate_row
+from medllava.schema import (
+    IMAGE_ROOTS_FILE,
+    MAX_ROW_DEPTH,
+    SchemaError,
+    allowed_roots,
+    nesting_depth,
+    parse_jsonl_line,
+    recorded_image_roots,
+    row_kind,
+    validate_row,
+)
+
+
+def raw_text(raw: bytes, limit: int = 2000) -> str:
+    """A line that cannot be kept as a row, for the rejects file: its first `limit` bytes, undecodable bytes
+    as backslash escapes."""
+    return raw.rstrip(b"\r\n")[:limit].decode("utf-8", "backslashreplace")
 
 
 def validate_file(
@@ -30,25 +49,28 @@ def validate_file(
     processor=None,
     max_tokens: int | None = None,
     decode_images: bool = True,
+    allow_roots: tuple[Path, ...] = (),
 ) -> tuple[Counter, Rejects, list[int]]:
-    """(counts, rejects, token lengths) of one JSONL file; malformed lines are rejects, not crashes."""
+    """(counts, rejects, token lengths) of one JSONL file; lines that cannot be read are rejects, not crashes.
+
+    Raises SchemaError only for a malformed ROOT/image_roots.json (it concerns every row)."""
     from medllava.schema import token_length
 
     root = image_root if image_root is not None else path.parent
+    allowed_roots(root, allow_roots)  # a malformed image_roots.json fails here, once, not on every row
     counts, rejects, lengths, seen_ids = Counter(), Rejects(), [], {}
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         lines = f.readlines()
-    for line_no, line in enumerate(progress(lines, f"validating {path.name}", total=len(lines)), start=1):
-        if not line.strip():
+    for line_no, raw in enumerate(progress(lines, f"validating {path.name}", total=len(lines)), start=1):
+        if not raw.strip():
             continue
         counts["rows"] += 1
         where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            rejects.add(where, f"malformed JSON ({e.msg} at column {e.colno})", line.rstrip("\n")[:2000])
+        row, problem = parse_jsonl_line(raw)
+        if problem:
+            rejects.add(where, problem, raw_text(raw))
             continue
-        reasons = validate_row(row, root, decode_images=decode_images)
+        reasons = validate_row(row, root, decode_images=decode_images, allow_roots=allow_roots)
         if isinstance(row, dict):
             row_id = row.get("id")
             if isinstance(row_id, str) and row_id in seen_ids:
@@ -61,7 +83,7 @@ def validate_file(
             if max_tokens is not None and n > max_tokens:
                 reasons.append(f"{n} tokens > max {max_tokens} (image tokens are never truncated)")
         if reasons:
-            rejects.add(where, reasons, row)
+            rejects.add(where, reasons, row if nesting_depth(row) <= MAX_ROW_DEPTH else raw_text(raw))
             continue
         counts["valid"] += 1
         counts[f"kind:{row_kind(row)}"] += 1
@@ -118,7 +140,17 @@ def parse_args(argv=None):
         "--image-root",
         type=Path,
         default=None,
-        help="directory the rows' image paths are relative to (default: each file's directory)",
+        help="directory the rows' image paths are relative to and must stay inside (default: each file's "
+        "directory)",
+    )
+    parser.add_argument(
+        "--allow-root",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also accept images that resolve inside DIR (repeatable); without it, an image outside the "
+        f"image root (and the folders its converter recorded in {IMAGE_ROOTS_FILE}) is a rejection",
     )
     parser.add_argument("--model", default=None, help="model/processor directory for token lengths")
     parser.add_argument(
@@ -137,6 +169,9 @@ def parse_args(argv=None):
         parser.error("--max-tokens needs --model (the tokenizer and image size decide the length)")
     if args.rejects is not None and len(args.files) > 1:
         parser.error("--rejects takes one file; with several inputs each gets FILE.rejected.jsonl")
+    for root in args.allow_root:
+        if not root.is_dir():
+            parser.error(f"--allow-root {root}: not a directory")
     return args
 
 
@@ -147,15 +182,27 @@ def main(argv=None) -> int:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(args.model)
-    results = {}
+    results, recorded = {}, {}
     for path in args.files:
         if not path.is_file():
             print(f"error: {path}: no such file", file=sys.stderr)
             return 2
-        results[str(path)] = validate_file(
-            path, args.image_root, processor, args.max_tokens, not args.no_decode
-        )
+        root = args.image_root if args.image_root is not None else path.parent
+        try:
+            results[str(path)] = validate_file(
+                path, args.image_root, processor, args.max_tokens, not args.no_decode, tuple(args.allow_root)
+            )
+            recorded[str(path)] = recorded_image_roots(root)
+        except SchemaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(summary_table(results))
+    for name, roots in recorded.items():
+        if roots:
+            print(
+                f"{name}: images may also come from {', '.join(map(str, roots))} (recorded by its converter "
+                f"in {IMAGE_ROOTS_FILE})"
+            )
     total = 0
     for name, (_, rejects, _) in results.items():
         total += len(rejects)

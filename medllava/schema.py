@@ -8,7 +8,9 @@ Every data source becomes JSON lines of this shape; training, evaluation and ser
      "answer_type": "CLOSED", "question_type": "PRES", "modality": "CT", "source": "vqa_rad"}
 
 - `images`: paths relative to an image root (by default the JSONL file's own directory); one `{"type": "image"}`
-  placeholder per image in the messages.
+  placeholder per image in the messages. Resolved (symlinks followed), a path must stay inside the image root,
+  a folder its converter recorded beside it in `image_roots.json`, or a folder allowed explicitly.
+- Text never holds a chat control token (CONTROL_TOKENS) and every string encodes as UTF-8.
 - `messages`: an optional leading system turn, then user/assistant alternating, starting with user.
 - For VQA the question is the last user turn's text, the ground truth the last assistant turn's text.
 - GRPO prompt rows carry `prompt` (messages without the answer) and a verifiable `solution`;
@@ -18,7 +20,8 @@ Every data source becomes JSON lines of this shape; training, evaluation and ser
     for line_no, row in read_jsonl("train.jsonl"):
         problems = validate_row(row, image_root="data/vqa_rad")   # [] when the row is valid
 
-Validation functions are pure: they return a list of human-readable reasons and never raise on bad rows.
+Validation functions return a list of human-readable reasons and never raise on bad rows (only a malformed
+`image_roots.json` is a SchemaError).
 """
 
 from __future__ import annotations
@@ -37,8 +40,16 @@ OPEN, CLOSED, CHOICE = ANSWER_TYPES
 ROLES = ("system", "user", "assistant")
 ROW_KINDS = ("sft", "grpo", "dpo")
 YES_NO = ("yes", "no")
-# A literal image token in text would add image tokens that have no picture behind them.
-_IMAGE_TOKEN_RE = re.compile(r"<image>", re.IGNORECASE)
+# Strings the tokenizer turns into control tokens. In a row's text, <image> would add image tokens with no
+# picture behind them, and the chat markers would close the turn and forge another (a fake system turn, say).
+CONTROL_TOKENS = ("<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>")
+_CONTROL_TOKEN_RE = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS), re.IGNORECASE)
+# Schema rows are a few levels deep; deeper JSON is refused before anything recurses into it.
+MAX_ROW_DEPTH = 32
+# Linux PATH_MAX and NAME_MAX: longer image paths cannot name a file.
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+# Beside a dataset: the folders outside it that its converter placed images in (see recorded_image_roots).
+IMAGE_ROOTS_FILE = "image_roots.json"
 
 
 class SchemaError(ValueError):
@@ -175,15 +186,31 @@ def row_kind(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """A value quoted for a reason: repr (so lone surrogates and control characters print), cut to `limit`."""
+    return repr(text if len(text) <= limit else text[: limit - 20] + "...")
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be a turn's text (None if it can): it does not encode as UTF-8 (a lone surrogate), or
+    it holds one of CONTROL_TOKENS."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text does not encode as UTF-8 (lone surrogate {text[e.start]!r} at character {e.start})"
+    found = _CONTROL_TOKEN_RE.search(text)
+    if found is None:
+        return None
+    if found.group().lower() == "<image>":
+        return "literal <image> in text (use an image part)"
+    return f"control token {found.group()!r} in text (it would end the turn and start a forged one)"
+
+
 def validate_content(content: Any, where: str) -> tuple[list[str], int, str]:
     """(problems, image placeholders, text) of one message's content."""
     if isinstance(content, str):
-        problems = (
-            [f"{where}: literal <image> in text (use an image part)"]
-            if _IMAGE_TOKEN_RE.search(content)
-            else []
-        )
-        return problems, 0, content
+        problem = text_problem(content)
+        return ([f"{where}: {problem}"] if problem else []), 0, content
     if not isinstance(content, list):
         return [f"{where}: content must be a string or a list of parts, got {type(content).__name__}"], 0, ""
     problems, n_images, texts = [], 0, []
@@ -199,8 +226,9 @@ def validate_content(content: Any, where: str) -> tuple[list[str], int, str]:
             if not isinstance(text, str):
                 problems.append(f"{where} part {j}: text part without a string 'text'")
                 continue
-            if _IMAGE_TOKEN_RE.search(text):
-                problems.append(f"{where} part {j}: literal <image> in text (use an image part)")
+            problem = text_problem(text)
+            if problem:
+                problems.append(f"{where} part {j}: {problem}")
             texts.append(text)
         else:
             problems.append(f"{where} part {j}: unknown part type {kind!r} (expected 'image' or 'text')")
@@ -247,18 +275,90 @@ def validate_messages(
     return problems, n_images
 
 
+def nesting_depth(value: Any) -> int:
+    """Levels of lists and objects in a JSON value (a scalar is 0); iterative, so any depth is safe."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth = max(depth, level)
+            stack.extend((child, level + 1) for child in item)
+    return depth
+
+
+def _field(where: str, key: Any) -> str:
+    name = key if isinstance(key, str) and re.fullmatch(r"\w{1,64}", key, re.ASCII) else _short(str(key), 40)
+    return f"{where}.{name}" if where else name
+
+
+def encoding_problems(row: Any) -> list[str]:
+    """Reasons for every string (key or value) of a JSON value that does not encode as UTF-8: a lone surrogate
+    such as "\\ud800" decodes from JSON but cannot be written, tokenized or used as a path."""
+    problems, stack = [], [("", row)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                stack.append((_field(where, key), child))
+                try:
+                    str(key).encode("utf-8")
+                except UnicodeEncodeError:
+                    problems.append(f"{_field(where, key)}: key does not encode as UTF-8 (lone surrogate)")
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(
+                    f"{where or 'row'}: text does not encode as UTF-8 (lone surrogate {value[e.start]!r} at "
+                    f"character {e.start})"
+                )
+    return sorted(problems)
+
+
+def image_path_problem(path: Any) -> str | None:
+    """Why a row's image path string can never name a file (None if it can): not a non-empty string, a NUL
+    character, longer than the system allows. Checked before the path touches the filesystem."""
+    if not isinstance(path, str) or not path.strip():
+        return "must be a non-empty path string"
+    if "\x00" in path:
+        return f"path contains a NUL character: {_short(path)}"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"path does not encode as UTF-8: {_short(path)}"
+    longest = max(len(name) for name in encoded.split(b"/"))
+    if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        return (
+            f"path too long ({len(path)} characters; at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per "
+            f"name): {_short(path, 60)}"
+        )
+    return None
+
+
 def validate_structure(row: Any) -> list[str]:
     """Everything that can be checked without touching the disk or a tokenizer."""
     if not isinstance(row, dict):
         return [f"row is a {type(row).__name__}, not a JSON object"]
-    problems = []
+    if nesting_depth(row) > MAX_ROW_DEPTH:
+        return [f"row nested deeper than {MAX_ROW_DEPTH} levels (schema rows are a few levels deep)"]
+    problems = encoding_problems(row)
+    if problems:
+        return problems
     row_id = row.get("id")
     if not isinstance(row_id, str) or not row_id.strip():
         problems.append("id: missing or not a non-empty string")
     images = row.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(p, str) and p.strip() for p in images):
+    if not isinstance(images, list):
         problems.append("images: must be a list of non-empty path strings")
         images = []
+    for i, path in enumerate(images):
+        problem = image_path_problem(path)
+        if problem:
+            problems.append(f"images[{i}]: {problem}")
     kind = row_kind(row)
     if kind == "sft":
         found, n_images = validate_messages(row.get("messages"))
@@ -297,6 +397,91 @@ def resolve_image(path: str, image_root: str | Path | None) -> Path:
     return p if p.is_absolute() or image_root is None else Path(image_root) / p
 
 
+def _resolved(path: str | Path, base: Path | None = None) -> Path:
+    p = Path(path)
+    return ((base / p) if base is not None and not p.is_absolute() else p).resolve()
+
+
+def recorded_image_roots(image_root: str | Path) -> list[Path]:
+    """Folders outside `image_root` its converter placed images in, from IMAGE_ROOT/image_roots.json
+    ({"roots": [path, ...]}, each relative to that folder or absolute), resolved; [] without the file.
+
+    The converters write it when their rows point outside their output (`--images relative` or `symlink`,
+    caption and instruction rows over an external image folder), so their own output validates without a flag.
+    It is part of the dataset: review it like the rows. A malformed file, or a filesystem root in it, is a
+    SchemaError.
+    """
+    root = Path(image_root)
+    sidecar = root / IMAGE_ROOTS_FILE
+    try:
+        if not sidecar.is_file():
+            return []
+        data = json.loads(sidecar.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise SchemaError(f"{sidecar}: unreadable ({type(e).__name__}: {e})") from None
+    entries = data.get("roots") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(r, str) and not image_path_problem(r) for r in entries
+    ):
+        raise SchemaError(f'{sidecar}: expected {{"roots": [folder path, ...]}}')
+    roots = []
+    for entry in entries:
+        resolved = _resolved(entry, root)
+        if resolved == Path(resolved.anchor):
+            raise SchemaError(
+                f"{sidecar}: {entry!r} is a filesystem root; name the folder that holds the images"
+            )
+        roots.append(resolved)
+    return roots
+
+
+@lru_cache(maxsize=256)
+def _allowed_roots_cached(
+    image_root: str, allow_roots: tuple[str, ...], stamp: int | None
+) -> tuple[Path, ...]:
+    roots = [_resolved(image_root), *recorded_image_roots(image_root), *(_resolved(r) for r in allow_roots)]
+    return tuple(dict.fromkeys(roots))
+
+
+def allowed_roots(image_root: str | Path | None, allow_roots: Iterable[str | Path] = ()) -> tuple[Path, ...]:
+    """The folders a row's images may resolve into, symlinks followed: the image root (default: the current
+    directory), the roots recorded beside it (recorded_image_roots) and `allow_roots` (allowed explicitly)."""
+    root = Path(image_root if image_root is not None else ".").absolute()
+    try:
+        stamp = (root / IMAGE_ROOTS_FILE).stat().st_mtime_ns
+    except (OSError, ValueError):
+        stamp = None
+    return _allowed_roots_cached(str(root), tuple(str(Path(r).absolute()) for r in allow_roots), stamp)
+
+
+def locate_image(
+    path: str, image_root: str | Path | None, roots: Sequence[Path] | None = None
+) -> tuple[Path | None, str | None]:
+    """(filesystem path, None) for a row's image path that stays inside `roots` (default: allowed_roots of
+    `image_root`) once resolved, symlinks followed; (None, reason) for one that escapes or cannot be resolved.
+    Only the path is looked at here: whether the file exists is image_problem's question."""
+    problem = image_path_problem(path)
+    if problem:
+        return None, f"image path {problem}"
+    roots = allowed_roots(image_root) if roots is None else roots
+    full = resolve_image(path, image_root)
+    try:
+        real = full.resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        return None, f"image path cannot be resolved: {_short(path)} ({type(e).__name__}: {e})"
+    if not any(real.is_relative_to(root) for root in roots):
+        where = (
+            f"the image root {roots[0]}"
+            if len(roots) == 1
+            else "the allowed roots " + ", ".join(map(str, roots))
+        )
+        return None, (
+            f"image outside {where}: {_short(path)} resolves to {real} (another folder is allowed only "
+            "explicitly: --allow-root DIR)"
+        )
+    return full, None
+
+
 @lru_cache(maxsize=65536)
 def _image_problem_cached(path: str, mtime_ns: int, size: int) -> str | None:
     from medllava.processing import ImageLoadError, load_image
@@ -313,11 +498,14 @@ def _image_problem_cached(path: str, mtime_ns: int, size: int) -> str | None:
 def image_problem(path: str | Path, decode: bool = True) -> str | None:
     """None if the image exists (and decodes, via medllava.processing.load_image), else the reason."""
     p = Path(path)
-    if not p.is_file():
-        return f"image not found: {p}"
+    try:
+        if not p.is_file():
+            return f"image not found: {p}"
+        stat = p.stat()
+    except (OSError, ValueError) as e:
+        return f"image cannot be read: {_short(str(p))}: {getattr(e, 'strerror', None) or e}"
     if not decode:
         return None
-    stat = p.stat()
     return _image_problem_cached(str(p), stat.st_mtime_ns, stat.st_size)
 
 
@@ -340,22 +528,27 @@ def validate_row(
     max_tokens: int | None = None,
     check_images: bool = True,
     decode_images: bool = True,
+    allow_roots: Iterable[str | Path] = (),
 ) -> list[str]:
     """All reasons this row is not a valid schema row ([] when it is).
 
-    Checks the structure; with `check_images`, that each image exists under `image_root` and (with
+    Checks the structure; that each image path, resolved, stays inside `image_root` (or a root recorded beside
+    it, or one of `allow_roots`: see allowed_roots); with `check_images`, that each image exists and (with
     `decode_images`) decodes; with a `processor` and `max_tokens`, that the conversation fits in `max_tokens`.
     """
     problems = validate_structure(row)
-    if not isinstance(row, dict):
+    images = row.get("images", []) if isinstance(row, dict) else None
+    if not isinstance(images, list) or nesting_depth(row) > MAX_ROW_DEPTH or encoding_problems(row):
         return problems
-    images = row.get("images", [])
-    if check_images and isinstance(images, list):
-        for path in images:
-            if isinstance(path, str) and path.strip():
-                problem = image_problem(resolve_image(path, image_root), decode=decode_images)
-                if problem:
-                    problems.append(problem)
+    roots = allowed_roots(image_root, allow_roots)
+    for path in images:
+        if image_path_problem(path):
+            continue  # a structure problem already
+        full, problem = locate_image(path, image_root, roots)
+        if problem is None and check_images:
+            problem = image_problem(full, decode=decode_images)
+        if problem:
+            problems.append(problem)
     if processor is not None and max_tokens is not None and not problems:
         n = token_length(row, processor)
         if n > max_tokens:
@@ -368,23 +561,46 @@ def validate_row(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def parse_jsonl_line(raw: bytes) -> tuple[Any, str | None]:
+    """(value, None) for one line of a JSONL file, or (None, reason) when it is not UTF-8, not JSON, or JSON
+    nested too deeply to parse. Never raises on the line's content."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply to parse)"
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return None, f"malformed JSON ({e})"
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None, bytes]]:
+    """(line number, value, reason, raw bytes) for each non-blank line: the value and None, or None and why
+    the line cannot be read (parse_jsonl_line). Lines are read as bytes and decoded one by one, so one bad
+    line never stops the file: the validator reports it and goes on."""
+    with Path(path).open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                value, problem = parse_jsonl_line(raw)
+                yield line_no, value, problem, raw
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each non-blank line; a line that is not a JSON object raises SchemaError
-    naming the file and line."""
+    """(line number, row) for each non-blank line; a line that is not a JSON object (not UTF-8, malformed,
+    nested too deeply, an array ...) raises SchemaError naming the file, the line and the reason."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SchemaError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise SchemaError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+    for line_no, row, problem, _ in iter_jsonl(path):
+        if problem:
+            raise SchemaError(f"{path}:{line_no}: {problem}")
+        if not isinstance(row, dict):
+            raise SchemaError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        yield line_no, row
 
 
 def read_valid_rows(
@@ -392,23 +608,31 @@ def read_valid_rows(
     image_root: str | Path | None = None,
     require_images: bool = False,
     limit: int | None = None,
+    allow_roots: Iterable[str | Path] = (),
 ) -> Iterator[tuple[int, dict]]:
     """(line number, row) for each row of a schema file, structurally validated, with its image paths resolved
     against `image_root` (default: the file's own directory). The one reader train and eval use.
 
-    A row that is not valid (or, with `require_images`, names an image that is not a file) raises SchemaError
-    naming the file, the line and every reason: fix the data, do not skip it.
+    A row that is not valid, names an image outside the allowed roots (the image root, the roots recorded
+    beside it, `allow_roots`: see allowed_roots) or, with `require_images`, an image that is not a file,
+    raises SchemaError naming the file, the line and every reason: fix the data, do not skip it.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
+    roots = allowed_roots(root, allow_roots)
     n = 0
     for line_no, row in read_jsonl(path):
         if limit is not None and n >= limit:
             return
         problems = validate_structure(row)
-        images = [resolve_image(p, root) for p in row.get("images") or []] if not problems else []
-        if require_images:
-            problems += [f"image not found: {p}" for p in images if not p.is_file()]
+        images = []
+        for image in [] if problems else row.get("images") or []:
+            full, problem = locate_image(image, root, roots)
+            if problem is None and require_images:
+                problem = image_problem(full, decode=False)
+            if problem:
+                problems.append(problem)
+            images.append(full)
         if problems:
             raise SchemaError(f"{path}:{line_no}: {'; '.join(problems)}")
         n += 1

@@ -73,6 +73,13 @@ def test_multi_turn_accessors_use_last_turns():
         (lambda r: r["messages"][0].update(role="doctor"), "unknown role"),
         (lambda r: r["messages"][0]["content"].append({"type": "video"}), "unknown part type"),
         (lambda r: r.update(messages=[]), "non-empty list"),
+        (lambda r: r["messages"][0]["content"][1].update(text="hi<|im_end|>"), "control token '<|im_end|>'"),
+        (lambda r: r["messages"][1].update(content="yes <|endoftext|>"), "control token '<|endoftext|>'"),
+        (lambda r: r["messages"][0]["content"][1].update(text="a \ud800 b"), "does not encode as UTF-8"),
+        (lambda r: r.update(source="\udfff"), "source: text does not encode as UTF-8"),
+        (lambda r: r.update(images=["a" * 300 + ".png"]), "images[0]: path too long"),
+        (lambda r: r.update(images=["a\x00.png"]), "images[0]: path contains a NUL character"),
+        (lambda r: r.update(extra=json.loads("[" * 40 + "]" * 40)), "nested deeper than 32 levels"),
     ],
 )
 def test_structure_rejects_injected_defects(mutate, reason):
@@ -118,7 +125,11 @@ def test_validate_row_token_limit(tmp_path, tiny):
 def test_answer_types():
     assert infer_answer_type("Yes.") == CLOSED and infer_answer_type("left lung") == OPEN
     # one answer-type rule for data, eval and rewards: a bare option letter is a choice answer
-    assert infer_answer_type("B") == CHOICE and infer_answer_type("(c)") == CHOICE and infer_answer_type("D.") == CHOICE
+    assert (
+        infer_answer_type("B") == CHOICE
+        and infer_answer_type("(c)") == CHOICE
+        and infer_answer_type("D.") == CHOICE
+    )
     assert infer_answer_type("(no)") == CLOSED and infer_answer_type("hepatitis B") == OPEN
     from medllava import metrics, rewards
 
