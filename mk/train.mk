@@ -3,8 +3,15 @@
 #   LAUNCH_ARGS='<accelerate launch flags>' (multi-node: --machine_rank, --main_process_ip, --main_process_port)
 # e.g.  make train-stage2 ARGS='--max_steps 2'
 #       make train-stage2 RECIPE=train/recipes/cluster/stage2_instruct.yaml ACCELERATE_CONFIG=train/accelerate/zero3.yaml NUM_PROCESSES=8
-# A re-run with the same OUTPUT_DIR resumes from its last valid checkpoint (ARGS='--resume_from_checkpoint no'
+# A re-run with the same output directory resumes from its last valid checkpoint (ARGS='--resume_from_checkpoint no'
 # starts over). NUM_PROCESSES, ACCELERATE_CONFIG and ARGS are defined in the main Makefile.
+#
+# The starter chain is defined once, by the stage targets below: without RECIPE, each trains its starter recipe
+# (train/recipes/starter/<name>.yaml) into $(STARTER_OUT)/<name>, from $(STARTER_OUT)/<previous name>:
+#   stage1_align (from 'base') -> stage2_instruct_lora -> stage3_specialist_lora -> dpo -> grpo
+# `make train-starter` runs train-stage1, -stage2, -stage3 and -dpo in that order, so running those targets one by
+# one trains the same models. With RECIPE, a target trains that recipe as written (its own model_name_or_path and
+# output_dir; OUTPUT_DIR still overrides the latter).
 
 STARTER_RECIPES := train/recipes/starter
 STARTER_OUT ?= outputs/starter
@@ -20,54 +27,51 @@ endif
 LAUNCH_ARGS ?=
 TRAIN_LAUNCH = $(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_PROCESSES) \
 	--num_cpu_threads_per_process $(CPU_THREADS) $(LAUNCH_ARGS)
-# $(call train_run,entry point,default recipe)
-train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(2)) $(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR)) $(ARGS)
+# $(call train_out,starter recipe name): the --output_dir to pass (none: a RECIPE's own output_dir)
+train_out = $(or $(OUTPUT_DIR),$(if $(RECIPE),,$(STARTER_OUT)/$(1)))
+# $(call train_run,entry point,starter recipe name,previous starter recipe name or empty)
+train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(STARTER_RECIPES)/$(2).yaml) \
+	$(if $(RECIPE),,$(if $(3),--model_name_or_path $(STARTER_OUT)/$(3))) \
+	$(if $(call train_out,$(2)),--output_dir $(call train_out,$(2))) $(ARGS)
 
-.PHONY: train-stage1 train-stage2 train-stage3 train-stage3-lora train-dpo train-grpo train-starter bench-train
+.PHONY: train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter bench-train
 
-train-stage1: ## stage 1 (align, projector only) from the default base on medsynth captions (CPU starter)
-	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage1_align.yaml)
+train-stage1: ## stage 1 (align: projector only) from the untrained base on medsynth captions (CPU starter)
+	$(call train_run,train/sft.py,stage1_align,)
 
-train-stage2: ## stage 2 (instruct: projector + LLM) on medsynth conversations, from stage 1's output
-	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage2_instruct.yaml)
+train-stage2: ## stage 2 (instruct: LoRA on the LLM + projector) on medsynth conversations, from stage 1's output
+	$(call train_run,train/sft.py,stage2_instruct_lora,stage1_align)
 
-train-stage3: ## stage 3 (specialist VQA, full) from stage 2's output; make train-stage3-lora for LoRA
-	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage3_specialist.yaml)
-
-# Stage 3's LoRA recipe trains on the VQA rows merged per image (all of an image's questions, up to 16, in one
-# conversation).
+# Stage 3 trains on the VQA rows merged per image (all of an image's questions, up to 16, in one conversation).
 $(MEDSYNTH)/vqa_train_g16.jsonl: $(MEDSYNTH)/vqa_train.jsonl
 	$(PY) -m data_pipelines.group_turns --input $< --output $@ --max-turns 16 --seed 0
 
-train-stage3-lora: ## stage 3 with LoRA on the LLM (merged model + adapter/), from stage 2's output
-	@if [ -z "$(RECIPE)" ]; then $(MAKE) --no-print-directory $(MEDSYNTH)/vqa_train_g16.jsonl; fi
-	$(call train_run,train/sft.py,$(STARTER_RECIPES)/stage3_specialist_lora.yaml)
+train-stage3: $(if $(RECIPE),,$(MEDSYNTH)/vqa_train_g16.jsonl) ## stage 3 (specialist VQA: LoRA + projector), from stage 2's output
+	$(call train_run,train/sft.py,stage3_specialist_lora,stage2_instruct_lora)
 
 $(MEDSYNTH)/dpo_train.jsonl: $(MEDSYNTH)/vqa_train.jsonl
 	$(PY) -m data_pipelines.preferences dpo-swap --input $< --output $@
 
-train-dpo: ## DPO with images on medsynth preference pairs, from stage 3's output
-	@if [ -z "$(RECIPE)" ]; then $(MAKE) --no-print-directory $(MEDSYNTH)/dpo_train.jsonl; fi
-	$(call train_run,train/dpo.py,$(STARTER_RECIPES)/dpo.yaml)
+train-dpo: $(if $(RECIPE),,$(MEDSYNTH)/dpo_train.jsonl) ## DPO with images (LoRA) on medsynth preference pairs, from stage 3's output
+	$(call train_run,train/dpo.py,dpo,stage3_specialist_lora)
 
 train-grpo: ## GRPO with format + accuracy rewards on medsynth prompts, from DPO's output
-	$(call train_run,train/grpo.py,$(STARTER_RECIPES)/grpo.yaml)
+	$(call train_run,train/grpo.py,grpo,dpo)
 
-# The whole CPU curriculum, each stage from the previous stage's output (recipes in train/recipes/starter/):
-# stage 1 (projector) -> stage 2 (LoRA r8 + projector) -> stage 3 (LoRA r16 + projector) -> DPO (LoRA r8), every
-# LoRA merged, so the result is a plain Llava whose change over the base is the projector plus low-rank factors.
-# Then the delta is written to medllava/starter/ (what `make setup` rebuilds the starter from) and evaluated.
-# STARTER_OUT moves every output; ARGS applies to every stage (e.g. ARGS='--max_steps 2' for a smoke run).
+# The whole CPU curriculum: the stage targets above in order (stage 1 projector -> stage 2 LoRA r8 + projector ->
+# stage 3 LoRA r16 + projector -> DPO LoRA r8), every LoRA merged, so the result is a plain Llava whose change over
+# the base is the projector plus low-rank factors. Then the delta is written to medllava/starter/ (what `make setup`
+# rebuilds the starter from) and evaluated. STARTER_OUT moves every output; ARGS applies to every stage (e.g.
+# ARGS='--max_steps 2' for a smoke run); RECIPE and OUTPUT_DIR do not apply.
 train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3 -> DPO), its delta in medllava/starter/, eval
 	@test -f $(MEDSYNTH)/captions_train.jsonl || { echo "no $(MEDSYNTH)/captions_train.jsonl: run 'make data' first"; exit 1; }
-	$(MAKE) --no-print-directory $(MEDSYNTH)/dpo_train.jsonl $(MEDSYNTH)/vqa_train_g16.jsonl
-	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage1_align.yaml --output_dir $(STARTER_OUT)/stage1_align $(ARGS)
-	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage2_instruct_lora.yaml --model_name_or_path $(STARTER_OUT)/stage1_align --output_dir $(STARTER_OUT)/stage2_instruct $(ARGS)
-	$(TRAIN_LAUNCH) train/sft.py --config $(STARTER_RECIPES)/stage3_specialist_lora.yaml --model_name_or_path $(STARTER_OUT)/stage2_instruct --output_dir $(STARTER_OUT)/stage3_specialist_lora $(ARGS)
-	$(TRAIN_LAUNCH) train/dpo.py --config $(STARTER_RECIPES)/dpo.yaml --model_name_or_path $(STARTER_OUT)/stage3_specialist_lora --output_dir $(STARTER_OUT)/dpo $(ARGS)
+	$(MAKE) --no-print-directory train-stage1 RECIPE= OUTPUT_DIR=
+	$(MAKE) --no-print-directory train-stage2 RECIPE= OUTPUT_DIR=
+	$(MAKE) --no-print-directory train-stage3 RECIPE= OUTPUT_DIR=
+	$(MAKE) --no-print-directory train-dpo RECIPE= OUTPUT_DIR=
 	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/dpo
 	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/dpo OUT=$(STARTER_OUT)/eval
-	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align,stage2_instruct,stage3_specialist_lora,dpo}; delta in medllava/starter/"
+	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align,stage2_instruct_lora,stage3_specialist_lora,dpo}; delta in medllava/starter/"
 
 bench-train: ## training tokens/s and peak memory of the default base at 112 px (stage 1 and stage 2/3 steps)
 	$(PY) -m bench.train_throughput

@@ -160,6 +160,114 @@ def test_every_recipe_parses():
             assert model.use_peft, recipe
 
 
+# Model names every recipe may start from (medllava.assets.resolve_model), and paths built outside the recipes,
+# each with the command that builds it (docs/train.md must show that command).
+MODEL_NAMES = {"base", "default", "starter"}
+EXTERNAL_MODELS = {"outputs/cluster/base": "python -m train.build_base"}
+# keys that only matter when the Trainer evaluates
+EVAL_KEYS = ("eval_", "per_device_eval_batch_size")
+
+
+def _recipe_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_recipes_have_their_own_output_dirs_and_start_from_a_known_model():
+    recipes = {path: _recipe_yaml(path) for path in RECIPES}
+    outputs = [spec["output_dir"] for spec in recipes.values()]
+    shared = {out for out in outputs if outputs.count(out) > 1}
+    # automatic resume would continue one recipe's run from another's checkpoints
+    assert not shared, f"recipes share an output_dir: {shared}"
+    docs = (REPO / "docs" / "train.md").read_text()
+    for path, spec in recipes.items():
+        start = spec["model_name_or_path"]
+        others = set(outputs) - {spec["output_dir"]}
+        if start in EXTERNAL_MODELS:
+            assert EXTERNAL_MODELS[start] in docs and start in docs, (path.name, start)
+        else:
+            assert start in MODEL_NAMES or start in others, (
+                f"{path}: model_name_or_path {start!r} is no recipe's output"
+            )
+
+
+def test_recipes_set_no_evaluation_keys_without_evaluation():
+    from train.configs import parse, recipe_algorithm
+
+    for path in RECIPES:
+        spec = _recipe_yaml(path)
+        script, training, _ = parse(recipe_algorithm(str(path)), ["--config", str(path)])
+        evaluates = getattr(training.eval_strategy, "value", training.eval_strategy) != "no"
+        eval_keys = [k for k in spec if k.startswith(EVAL_KEYS) and k != "eval_strategy"]
+        if evaluates:
+            assert script.eval_file, f"{path}: eval_strategy {training.eval_strategy} needs an eval_file"
+        else:
+            assert not eval_keys, f"{path}: {eval_keys} do nothing with eval_strategy 'no'"
+
+
+def test_step_counts_in_recipe_comments_match_the_values():
+    import math
+    import re
+
+    from train.configs import parse, recipe_algorithm
+
+    checked = 0
+    for path in RECIPES:
+        script, training, _ = parse(recipe_algorithm(str(path)), ["--config", str(path)])
+        rows_per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps
+        rows_per_step //= getattr(training, "num_generations", None) or 1
+        if training.max_steps > 0:
+            steps = training.max_steps
+        elif script.max_train_samples:
+            steps = math.ceil(script.max_train_samples / rows_per_step) * math.ceil(training.num_train_epochs)
+        else:
+            continue
+        for line in path.read_text().splitlines():
+            comment = line.partition("#")[2]
+            for n, per_step in re.findall(r"(\d+) steps of (\d+)", comment):
+                assert (int(n), int(per_step)) == (steps, rows_per_step), (path.name, line)
+                checked += 1
+    assert checked >= 6
+
+
+def _make_dry_run(*args) -> list[str]:
+    """The `accelerate launch` lines `make -n` prints for these goals (recursive makes included)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [" ".join(line.split()) for line in proc.stdout.splitlines() if "accelerate launch" in line]
+
+
+def _flag(command: str, name: str) -> str | None:
+    words = command.split()
+    return words[words.index(name) + 1] if name in words else None
+
+
+def test_make_stage_targets_run_the_starter_chain():
+    stages = ("train-stage1", "train-stage2", "train-stage3", "train-dpo")
+    starter = _make_dry_run("train-starter", "STARTER_OUT=/tmp/chain")
+    one_by_one = _make_dry_run(*stages, "STARTER_OUT=/tmp/chain")
+    assert len(starter) == len(stages) and starter == one_by_one
+    previous = None
+    for command in starter:
+        assert _flag(command, "--model_name_or_path") == previous, command
+        previous = _flag(command, "--output_dir")
+        assert previous.startswith("/tmp/chain/"), command
+    # with the default STARTER_OUT the flags repeat what each recipe says: launching a recipe by hand is the same
+    for command in _make_dry_run("train-starter"):
+        spec = _recipe_yaml(REPO / _flag(command, "--config"))
+        assert spec["output_dir"] == _flag(command, "--output_dir"), command
+        assert spec["model_name_or_path"] == (_flag(command, "--model_name_or_path") or "base"), command
+    # RECIPE: the recipe as written (its own model and output dir), OUTPUT_DIR still overrides
+    cluster = "train/recipes/cluster/stage2_instruct.yaml"
+    (command,) = _make_dry_run("train-stage2", f"RECIPE={cluster}", "OUTPUT_DIR=/tmp/o")
+    assert _flag(command, "--config") == cluster and _flag(command, "--model_name_or_path") is None
+    assert _flag(command, "--output_dir") == "/tmp/o"
+
+
 def test_unknown_recipe_key_is_an_error(tmp_path):
     from train.configs import parse
 
@@ -247,7 +355,7 @@ def test_over_long_rows_are_dropped_and_counted(data):
     from transformers import AutoProcessor
 
     from medllava.schema import read_rows, token_length
-    from train.common import get_dataset
+    from train.data import get_dataset
 
     processor = AutoProcessor.from_pretrained(data["model"])
     lengths = [token_length(row, processor) for row in read_rows(data["sft"])]
@@ -265,7 +373,7 @@ def test_length_column_name_is_honoured_and_a_clashing_row_field_is_refused(data
     from transformers import AutoProcessor
 
     from medllava.schema import SchemaError, read_rows
-    from train.common import get_dataset
+    from train.data import get_dataset
 
     processor = AutoProcessor.from_pretrained(data["model"])
     script, _, _ = sft_args(data, "unused")
@@ -278,6 +386,8 @@ def test_length_column_name_is_honoured_and_a_clashing_row_field_is_refused(data
     for row in rows:  # images stay where the fixture put them
         row["images"] = [str(Path(data["sft"]).parent / image) for image in row.get("images", [])]
     clash.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # the images are outside clash.jsonl's folder: allowed explicitly
+    script.allow_root = [str(data["root"])]
     with pytest.raises(SchemaError, match="already have a 'length' field"):
         get_dataset(clash, processor, script, None, "sft")
     renamed, _ = get_dataset(clash, processor, script, None, "sft", length_column="n_tokens")
@@ -311,7 +421,7 @@ def test_answer_suffix_matches_the_eval_prompt(data):
 
 def test_bad_row_is_an_error_naming_the_line(data, tmp_path):
     from medllava.schema import SchemaError
-    from train.common import load_rows
+    from train.data import load_rows
 
     lines = data["sft"].read_text().splitlines()
     bad = json.loads(lines[2])
@@ -320,6 +430,52 @@ def test_bad_row_is_an_error_naming_the_line(data, tmp_path):
     path.write_text("\n".join([lines[0], lines[1], json.dumps(bad)]) + "\n")
     with pytest.raises(SchemaError, match=r"bad.jsonl:3: image not found"):
         load_rows(path, image_root=data["root"])
+
+
+def _rows_with_bad_images(data, tmp_path, kind: str) -> Path:
+    """The fixture's first five `kind` rows, rows 2, 4 and 5 naming a corrupt PNG, a missing file and a cut PNG."""
+    (tmp_path / "images").mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in data[kind].read_text().splitlines()[:5]]
+    for row in rows:
+        for image in row["images"]:
+            (tmp_path / image).write_bytes((data["root"] / image).read_bytes())
+    good = (tmp_path / rows[0]["images"][0]).read_bytes()
+    (tmp_path / "images" / "garbage.png").write_bytes(good[:16] + b"not image data" * 64)
+    (tmp_path / "images" / "cut.png").write_bytes(good[: len(good) // 3])
+    for i, image in ((1, "garbage.png"), (3, "missing.png"), (4, "cut.png")):
+        rows[i]["images"] = [f"images/{image}"]
+    return write_jsonl(tmp_path / f"bad_{kind}.jsonl", rows)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_every_row_with_an_unreadable_image_is_named_before_training(data, tmp_path, kind):
+    from transformers import AutoProcessor
+
+    from medllava.schema import SchemaError
+    from train.data import get_dataset
+
+    path = _rows_with_bad_images(data, tmp_path, kind)
+    processor = AutoProcessor.from_pretrained(data["model"])
+    script, _, _ = sft_args(data, "unused")
+    with pytest.raises(SchemaError) as error:
+        get_dataset(path, processor, script, None, kind, load_images=kind != "sft")
+    message = str(error.value)
+    assert "3 of 5 rows" in message, message
+    assert f"bad_{kind}.jsonl:2: image does not decode" in message
+    assert f"bad_{kind}.jsonl:4: image not found" in message
+    assert f"bad_{kind}.jsonl:5: image does not decode" in message
+    assert f"bad_{kind}.jsonl:1:" not in message and f"bad_{kind}.jsonl:3:" not in message
+
+
+def test_sft_stops_on_a_corrupt_image_before_the_first_step(data, tmp_path):
+    from medllava.schema import SchemaError
+    from train.sft import main
+
+    script, training, model = sft_args(data, tmp_path / "out")
+    script.train_file = str(_rows_with_bad_images(data, tmp_path, "sft"))
+    with pytest.raises(SchemaError, match=r"bad_sft.jsonl:2: image does not decode"):
+        main(script, training, model)
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 # --- resume after a kill --------------------------------------------------------------------------------------
@@ -386,17 +542,18 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, s
     script = tmp_path / "kill_sft.py"
     script.write_text(KILL_SCRIPT)
     env = os.environ | {"KILL_AT_STEP": "3"}
-    proc = subprocess.run(
-        [sys.executable, str(script), *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft), **extra)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = [
+        sys.executable,
+        str(script),
+        *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft), **extra),
+    ]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (killed / "model.safetensors").exists()
 
-    resumed = run_sft(
-        data, killed, max_steps=4, use_peft=use_peft, **extra
-    )  # the same command again: from checkpoint-2
+    # the same command again: it resumes from checkpoint-2
+    resumed = run_sft(data, killed, max_steps=4, use_peft=use_peft, **extra)
     assert resumed["resumed_from"].endswith("checkpoint-2")
     full_losses, resumed_losses = _losses(uninterrupted), _losses(resumed)
     assert sorted(resumed_losses) == [1, 2, 3, 4]
@@ -410,7 +567,7 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, s
 
 
 def test_checkpoints_are_atomic_and_a_corrupt_last_one_falls_back(data, tmp_path, caplog):
-    from train.common import COMPLETE_MARKER, find_checkpoint
+    from train.checkpoints import COMPLETE_MARKER, find_checkpoint
 
     out = tmp_path / "out"
     run_sft(data, out, max_steps=4)
@@ -480,8 +637,8 @@ def test_grpo_trains_with_rewards_and_reloads(data, tmp_path):
 @pytest.mark.slow
 def test_qlora_trains_on_cpu_and_merges_into_a_plain_checkpoint(data, tmp_path):
     """bitsandbytes 0.50 runs NF4 4-bit layers on CPU: the LLM is quantized, projector and vision tower are not."""
-    from train.common import get_model
     from train.configs import ModelConfig
+    from train.models import get_model
     from train.sft import main
 
     # TRL casts trainable weights of a quantized model to bf16 (QLoRA paper), so bf16 autocast as in the recipe
@@ -569,7 +726,7 @@ def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss(mon
     from trl.kernels import chunked_logprob
 
     from medllava.processing import AssistantOnlyCollator
-    from train.common import score_labelled_positions_only
+    from train.trl_lm_head_patch import score_labelled_positions_only
 
     model, processor = tiny_model()
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
@@ -600,10 +757,28 @@ def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_loss(mon
         torch.testing.assert_close(getattr(compact, name), getattr(full, name), rtol=1e-5, atol=1e-6)
 
 
+def test_lm_head_patch_is_off_with_a_warning_on_another_trl_version(monkeypatch, caplog):
+    import trl
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    from train.trl_lm_head_patch import WRITTEN_FOR_TRL, score_labelled_positions_only
+
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
+    assert trl.__version__ == WRITTEN_FOR_TRL, "pyproject.toml pins the TRL the patch was written for"
+    assert score_labelled_positions_only() and trl_utils._use_triton is not chunked_logprob._use_triton
+    monkeypatch.setattr(trl, "__version__", "99.0.0")
+    with caplog.at_level(logging.WARNING, logger="medllava.train"):
+        assert not score_labelled_positions_only()
+    # TRL's own test is back, and the warning says why
+    assert trl_utils._use_triton is chunked_logprob._use_triton
+    assert f"written for trl {WRITTEN_FOR_TRL}, this is trl 99.0.0" in caplog.text
+
+
 def test_malloc_trim_runs_only_above_the_resident_limit(caplog):
     from types import SimpleNamespace
 
-    from train.common import MallocTrimCallback, resident_bytes
+    from train.run import MallocTrimCallback, resident_bytes
 
     assert resident_bytes() > 2**20
     state = SimpleNamespace(global_step=3)

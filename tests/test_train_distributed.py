@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 from test_train import data  # noqa: F401 - the tiny model + JSONL fixture
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe(data, tmp_path) -> Path:  # noqa: F811
@@ -73,7 +67,8 @@ def make_train(
         f"NUM_PROCESSES={nproc}",
         f"LAUNCH_ARGS={launch_args}",
     ]
-    log = open(tmp_path / f"{log_name or out.name}.log", "w")  # noqa: SIM115 - closed by the caller via the process
+    # closed with the process by the caller
+    log = open(tmp_path / f"{log_name or out.name}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     if background:
         return proc
@@ -93,7 +88,8 @@ def reloads(out: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
-    assert all(p.numel() > 0 for p in model.parameters())  # ZeRO-3 must have gathered full tensors
+    # ZeRO-3 must have gathered full tensors
+    assert all(p.numel() > 0 for p in model.parameters())
 
 
 def _check(tmp_path, proc, out, world_size, zero_stage):

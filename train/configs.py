@@ -37,6 +37,13 @@ class ScriptArguments(trl.ScriptArguments):
         default=None,
         metadata={"help": "Directory image paths are relative to (default: each JSONL file's own)."},
     )
+    allow_root: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders outside the image root that image paths may resolve into (also --allow-root); the image "
+            "root and the folders its converter recorded in image_roots.json are always allowed."
+        },
+    )
     stage: str = field(
         default="instruct",
         metadata={"help": "Curriculum stage; decides what trains.", "choices": sorted(STAGES)},

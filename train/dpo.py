@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from trl import DPOTrainer, TrlParser
 
-from train.common import get_datasets, get_model, setup_logging, train_and_save, with_checkpointing
 from train.configs import DPOConfig, ModelConfig, ScriptArguments
+from train.data import get_datasets
+from train.models import get_model
+from train.run import setup_logging, train_and_save, trainer_class
 
 
 def main(
@@ -27,11 +29,11 @@ def main(
     train_dataset, eval_dataset, report = get_datasets(
         script_args, processor, training_args.max_length, "dpo", load_images=True
     )
-    trainer = with_checkpointing(
-        DPOTrainer
-    )(
+    # ref_model=None: TRL loads model_name_or_path again, frozen (prepared for DeepSpeed); with PEFT the reference
+    # is the same model with its adapter disabled
+    trainer = trainer_class(DPOTrainer)(
         model=model,
-        ref_model=None,  # TRL loads model_name_or_path again, frozen (prepared for DeepSpeed); PEFT: adapter off
+        ref_model=None,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

@@ -17,15 +17,10 @@ from __future__ import annotations
 from trl import GRPOTrainer, TrlParser
 
 from medllava.rewards import get_reward_funcs
-from train.common import (
-    get_datasets,
-    get_model,
-    lazy_images,
-    setup_logging,
-    train_and_save,
-    with_checkpointing,
-)
 from train.configs import GRPOConfig, GRPOScriptArguments, ModelConfig, check_reward_weights
+from train.data import get_datasets, lazy_images
+from train.models import get_model
+from train.run import setup_logging, train_and_save, trainer_class
 
 
 def with_system_prompt(dataset, system_prompt: str):
@@ -50,7 +45,7 @@ def main(
     train_dataset, eval_dataset, report = get_datasets(script_args, processor, None, "grpo")
     train_dataset = lazy_images(with_system_prompt(train_dataset, script_args.system_prompt))
     eval_dataset = lazy_images(with_system_prompt(eval_dataset, script_args.system_prompt))
-    trainer = with_checkpointing(GRPOTrainer)(
+    trainer = trainer_class(GRPOTrainer)(
         model=model,
         reward_funcs=get_reward_funcs(script_args.reward_funcs),
         args=training_args,

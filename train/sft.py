@@ -6,7 +6,7 @@ TensorBoard logs (runs/) and train_report.json in output_dir; a killed run resum
 
 Usage:
     accelerate launch --config_file train/accelerate/single.yaml train/sft.py \\
-        --config train/recipes/starter/stage2_instruct.yaml --max_steps 2
+        --config train/recipes/starter/stage2_instruct_lora.yaml --max_steps 2
     make train-stage2 ARGS='--max_steps 2'
 """
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 from trl import SFTTrainer, TrlParser
 
 from medllava.processing import AssistantOnlyCollator
-from train.common import get_datasets, get_model, setup_logging, train_and_save, with_checkpointing
 from train.configs import ModelConfig, ScriptArguments, SFTConfig
+from train.data import get_datasets
+from train.models import get_model
+from train.run import setup_logging, train_and_save, trainer_class
 
 
 def main(
@@ -31,10 +33,11 @@ def main(
         "sft",
         length_column=training_args.length_column_name,
     )
-    trainer = with_checkpointing(SFTTrainer)(
+    # no truncation in the collator: rows over max_length were dropped (and counted) by get_datasets
+    trainer = trainer_class(SFTTrainer)(
         model=model,
         args=training_args,
-        data_collator=AssistantOnlyCollator(processor),  # rows over max_length were already dropped
+        data_collator=AssistantOnlyCollator(processor),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
