@@ -23,8 +23,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_IMAGE_PIXELS = 64_000_000  # per frame/slice; larger is treated as a decompression bomb
-MAX_IMAGE_BYTES = 512 * 1024 * 1024
+from medllava.safe_text import mark_control_text
+
+# The one pixel limit (per frame/slice); larger is treated as a decompression bomb. The server's
+# `Limits.max_image_pixels` defaults to it and passes it on as `load_image(..., max_pixels=...)`.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_BYTES = 512 * 1024 * 1024  # one file as stored (compressed)
+# Declared size of the decoded pixel data of a DICOM file (rows x columns x frames x bytes per pixel) or a NIfTI
+# volume (dimensions x bytes per voxel), checked from the header before anything is decompressed.
+MAX_DECODED_BYTES = 1024 * 1024 * 1024
+# A deflated DICOM's header is read through a decompressor that stops after this many bytes.
+_DICOM_HEADER_BYTES = 4 * 1024 * 1024
 # Technical DICOM tags that identify no one; the only header values this project ever reads out.
 SAFE_DICOM_TAGS = (
     "Modality",
@@ -52,6 +61,10 @@ _DICOM_PLUGINS = {
 
 class ImageLoadError(ValueError):
     """An image could not be loaded; the message names the source and the reason."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image is over a pixel or decoded-size limit (possibly a decompression bomb)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,10 +111,18 @@ def is_nifti(data: bytes, name: str = "") -> bool:
     return len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00")
 
 
-def _check_pixels(n_pixels: int, name: str) -> None:
-    if n_pixels > MAX_IMAGE_PIXELS:
-        raise ImageLoadError(
-            f"{name}: {n_pixels:,} pixels is over the {MAX_IMAGE_PIXELS:,} pixel limit (possible decompression bomb)"
+def _check_pixels(n_pixels: int, name: str, max_pixels: int) -> None:
+    if n_pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {n_pixels:,} pixels is over the {max_pixels:,} pixel limit (possible decompression bomb)"
+        )
+
+
+def _check_decoded_bytes(n_bytes: int, what: str, name: str, max_bytes: int) -> None:
+    if n_bytes > max_bytes:
+        raise ImageTooLargeError(
+            f"{name}: the header declares {n_bytes / 2**20:,.1f} MiB of {what}, over the "
+            f"{max_bytes / 2**20:,.0f} MiB limit (possible decompression bomb); refused before decompressing it"
         )
 
 
@@ -128,22 +149,25 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     raise ImageLoadError(f"cannot display an array of shape {array.shape}")
 
 
-def _load_pil(data: bytes, name: str) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+def _load_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The size is checked against `max_pixels` below, from the header, before any pixel is decoded;
+            # Pillow's own process-wide limit stays as a backstop (its DecompressionBombError).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_pixels(image.width * image.height, name)
-            image.load()
+        _check_pixels(image.width * image.height, name, max_pixels)
+        image.load()
     except UnidentifiedImageError as e:
         raise ImageLoadError(
             f"{name}: unknown or unsupported image format (supported: PNG, JPEG, TIFF, BMP, GIF, WebP, DICOM, NIfTI)"
         ) from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(
-            f"{name}: over the {MAX_IMAGE_PIXELS:,} pixel limit (possible decompression bomb): {e}"
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            f"{name}: over the {max_pixels:,} pixel limit (possible decompression bomb): {e}"
         ) from None
+    except ImageLoadError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
     image = ImageOps.exif_transpose(image)
@@ -177,20 +201,89 @@ def dicom_window(ds) -> tuple[float, float] | None:
     return (centre, width) if width > 0 else None
 
 
-def _load_dicom(data: bytes, name: str, frame: int | None) -> Image.Image:
+def _dicom_geometry(ds, name: str) -> tuple[int, int, int, int]:
+    """(rows, columns, frames, bytes of pixel data) as the header declares them."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError):
+        raise ImageLoadError(f"{name}: DICOM header has a non-numeric image size tag") from None
+    if min(rows, cols, n_frames, samples, bits) < 0:
+        raise ImageLoadError(f"{name}: DICOM header has a negative image size tag")
+    return rows, cols, n_frames, rows * cols * n_frames * samples * ((bits + 7) // 8)
+
+
+def _read_dicom(data: bytes, name: str, max_pixels: int, max_bytes: int):
+    """The dataset, refused from its header if a frame is over `max_pixels` or all frames over `max_bytes`.
+
+    A deflated file (transfer syntax 1.2.840.10008.1.2.1.99) compresses its whole dataset, header included, and
+    pydicom inflates all of it at once: here the header is read through a decompressor that stops after a few MiB,
+    the declared size checked, and the rest inflated with a bound, so a small file that would inflate to gigabytes
+    is refused before it is decompressed.
+    """
+    import zlib
+
     import pydicom
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset
+
+    meta = None
+    if data[128:132] == b"DICM":
+        fp = io.BytesIO(data)
+        fp.seek(132)
+        meta = _read_file_meta_info(fp)
+    if meta is None or meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        ds = pydicom.dcmread(io.BytesIO(data), force=meta is None)  # pixel data still compressed, if it is
+        rows, cols, _, n_bytes = _dicom_geometry(ds, name)
+    else:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        deflated = data[fp.tell() :]
+        head = inflater.decompress(deflated, _DICOM_HEADER_BYTES)
+        header = read_dataset(
+            io.BytesIO(head),
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=lambda tag, *_: tag >> 16 >= 0x7FE0,
+        )
+        rows, cols, _, n_bytes = _dicom_geometry(header, name)
+        _check_pixels(rows * cols, name, max_pixels)
+        _check_decoded_bytes(n_bytes, "pixel data", name, max_bytes)
+        # Everything but the pixel data fits in the header allowance; the pixel data in the declared size.
+        allowed = max(1, n_bytes + _DICOM_HEADER_BYTES - len(head))
+        rest = inflater.decompress(inflater.unconsumed_tail, allowed)
+        if inflater.decompress(inflater.unconsumed_tail, 1):  # one byte more than allowed
+            raise ImageTooLargeError(
+                f"{name}: the deflated data set inflates to more than its header declares "
+                f"({(n_bytes + _DICOM_HEADER_BYTES) / 2**20:,.1f} MiB); refused (possible decompression bomb)"
+            )
+        dataset = read_dataset(DicomBytesIO(head + rest), is_implicit_VR=False, is_little_endian=True)
+        ds = FileDataset(name, dataset, data[:128], meta, is_implicit_VR=False, is_little_endian=True)
+        ds.set_original_encoding(False, True, dataset._character_set)
+    _check_pixels(rows * cols, name, max_pixels)
+    _check_decoded_bytes(n_bytes, "pixel data", name, max_bytes)
+    return ds
+
+
+def _load_dicom(data: bytes, name: str, frame: int | None, max_pixels: int, max_bytes: int) -> Image.Image:
+    import zlib
+
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        ds = _read_dicom(data, name, max_pixels, max_bytes)
+    except ImageLoadError:
+        raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise ImageLoadError(f"{name}: not a readable DICOM file ({type(e).__name__})") from None
+    except zlib.error:
+        raise ImageLoadError(f"{name}: not a readable DICOM file (corrupt deflated data set)") from None
     if "PixelData" not in ds:
         raise ImageLoadError(f"{name}: DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_pixels(rows * cols, name)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _, _, n_frames, _ = _dicom_geometry(ds, name)
     index = n_frames // 2 if frame is None else frame
     if not 0 <= index < n_frames:
         raise ImageLoadError(f"{name}: frame {frame} requested but the file has {n_frames} frame(s)")
@@ -233,49 +326,88 @@ def _load_dicom(data: bytes, name: str, frame: int | None) -> Image.Image:
     return _array_to_rgb(image)
 
 
-def _load_nifti(data: bytes, name: str, slice_index: int | None) -> Image.Image:
+def _gunzip_head(data: bytes, n: int) -> bytes:
+    """The first `n` bytes a gzip stream inflates to (b"" if it is not one); nothing more is decompressed."""
+    import gzip
+    import zlib
+
+    try:
+        return gzip.GzipFile(fileobj=io.BytesIO(data)).read(n)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def _load_nifti(
+    data: bytes, name: str, slice_index: int | None, max_pixels: int, max_bytes: int
+) -> Image.Image:
+    """One axial slice of a NIfTI-1 volume (`.nii` or `.nii.gz`), the volume refused from its header if too large.
+
+    The 348-byte header is read first (through gzip for `.nii.gz`, so nothing more is decompressed), then only the
+    slice that is shown is read from the stream: a small `.nii.gz` that would inflate to gigabytes is refused before
+    it is decompressed, and an accepted one never holds more than one slice in memory.
+    """
     import gzip
 
     import nibabel as nib
 
     try:
-        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        volume = nib.Nifti1Image.from_bytes(raw)
-        header_shape = volume.shape
-        _check_pixels(int(header_shape[0]) * int(header_shape[1]), name)
-        array = np.asanyarray(volume.dataobj)
-    except ImageLoadError:
-        raise
-    except Exception as e:  # noqa: BLE001 - nibabel raises many types
-        raise ImageLoadError(f"{name}: not a readable NIfTI volume ({type(e).__name__}: {e})") from None
-    while array.ndim > 3:  # 4D (fMRI, multi-echo): the first volume
-        array = array[..., 0]
-    if array.ndim == 3:
-        n = array.shape[2]
+        stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(stream.read(348)))  # the header only
+        shape = tuple(int(n) for n in header.get_data_shape())
+        if len(shape) < 2:
+            raise ImageLoadError(f"{name}: cannot display a NIfTI volume of shape {shape}")
+        _check_pixels(shape[0] * shape[1], name, max_pixels)
+        n_bytes = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+        _check_decoded_bytes(n_bytes, "voxel data", name, max_bytes)
+        n = shape[2] if len(shape) > 2 else 1
         index = n // 2 if slice_index is None else slice_index
         if not 0 <= index < n:
             raise ImageLoadError(f"{name}: slice {slice_index} requested but the volume has {n} axial slices")
-        array = array[:, :, index]
+        stream.seek(0)
+        volume = nib.Nifti1Image.from_stream(stream)
+        # (x, y) of axial slice `index` of the first volume (4D: fMRI, multi-echo)
+        where = (slice(None), slice(None), index, *[0] * (len(shape) - 3))[: len(shape)]
+        array = np.asanyarray(volume.dataobj[where])
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - nibabel, gzip and zlib raise many types
+        raise ImageLoadError(f"{name}: not a readable NIfTI volume ({type(e).__name__}: {e})") from None
     # NIfTI stores (x, y) with x to the patient's left in RAS; rotate for a conventional radiological display.
     return _array_to_rgb(to_uint8(np.rot90(array)))
 
 
-def load_image(src, frame: int | None = None, slice_index: int | None = None) -> Image.Image:
+def load_image(
+    src,
+    frame: int | None = None,
+    slice_index: int | None = None,
+    max_pixels: int | None = None,
+    max_decoded_bytes: int | None = None,
+) -> Image.Image:
     """Load any supported image (path, bytes, file object or PIL image) as an RGB PIL image.
 
     `frame` picks a frame of a multi-frame DICOM (default: the middle one); `slice_index` an axial slice of a
-    NIfTI volume (default: the middle one).
+    NIfTI volume (default: the middle one). Every limit is checked here, from the header, before pixels are
+    decoded: `max_pixels` per picture/frame/slice (default `MAX_IMAGE_PIXELS`) and `max_decoded_bytes` for all
+    the pixel data a DICOM or NIfTI file declares (default `MAX_DECODED_BYTES`); over either, `ImageTooLargeError`.
     """
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    max_decoded_bytes = MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes
     if isinstance(src, Image.Image):
-        _check_pixels(src.width * src.height, "<PIL image>")
+        _check_pixels(src.width * src.height, "<PIL image>", max_pixels)
         return src.convert("RGB") if src.mode != "RGB" else src
     name = _name(src)
     data = _read_bytes(src)
-    if is_dicom(data, name):
-        return _load_dicom(data, name, frame)
-    if is_nifti(data, name):
-        return _load_nifti(data, name, slice_index)
-    return _load_pil(data, name)
+    try:
+        if is_dicom(data, name):
+            return _load_dicom(data, name, frame, max_pixels, max_decoded_bytes)
+        if is_nifti(data, name) or (data[:2] == b"\x1f\x8b" and is_nifti(_gunzip_head(data, 348))):
+            return _load_nifti(data, name, slice_index, max_pixels, max_decoded_bytes)
+        return _load_pil(data, name, max_pixels)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file can make pydicom or Pillow raise almost anything
+        # the type only: the message of a DICOM error can quote header values
+        raise ImageLoadError(f"{name}: damaged or unsupported image ({type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,10 +455,15 @@ def encode(
     texts, images = [], []
     for example in examples:
         check_example(example)
-        texts.append(render(processor, example["messages"], add_generation_prompt))
+        # message text never becomes control tokens: a user cannot forge a turn (medllava.safe_text)
+        texts.append(
+            render(processor, mark_control_text(processor, example["messages"]), add_generation_prompt)
+        )
         images.extend(im if images_loaded else load_image(im) for im in (example.get("images") or []))
     processor.tokenizer.padding_side = padding_side
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    return processor(
+        text=texts, images=images or None, padding=True, return_tensors="pt", sanitize_control_tokens=True
+    )
 
 
 def assistant_spans(input_ids: Sequence[int], tokenizer) -> list[tuple[int, int]]:
@@ -401,9 +538,9 @@ class AssistantOnlyCollator:
 
 def count_tokens(processor, example: dict) -> int:
     """Number of tokens of a full conversation after image expansion (no pixels are processed)."""
-    text = render(processor, example["messages"], add_generation_prompt=False)
+    text = render(processor, mark_control_text(processor, example["messages"]), add_generation_prompt=False)
     n_images = count_image_placeholders(example["messages"])
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = processor.tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
     return len(ids) + n_images * (image_token_count(processor) - 1)
 
 

@@ -3,7 +3,7 @@
 Usage:
     python -m serve --model default --host 127.0.0.1 --port 7860          # the default model (`make demo`)
     python -m serve --model ~/.cache/medllava/base-112px --port 8000      # a checkpoint directory (or hub id)
-    python -m serve --model default --dtype bfloat16 --concurrency 2 --max-queue 32
+    python -m serve --model default --dtype bfloat16 --concurrency 2 --max-queue 32 --max-queue-wait 120
 
 One process loads the model once; chat and API share its generation slots. Not for clinical use.
 """
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests allowed to wait for a generation slot; beyond it the API answers 429",
     )
     parser.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=defaults.max_queue_wait,
+        help="seconds a request may wait for a generation slot; beyond it the API answers 503",
+    )
+    parser.add_argument(
         "--max-new-tokens",
         type=int,
         default=defaults.max_new_tokens,
@@ -66,14 +72,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.max_image_bytes / 2**20,
         help="size limit of one image file",
     )
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=defaults.max_body_bytes / 2**20,
+        help="size limit of one API request body (images travel base64-encoded in it: 4/3 of their size)",
+    )
     parser.add_argument("--no-examples", action="store_true", help="do not show example cases in the chat")
     args = parser.parse_args(argv)
     for name in ("concurrency", "max_new_tokens", "max_prompt_tokens", "max_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0 or args.max_image_mb <= 0:
-        parser.error("--max-queue must be >= 0 and --max-image-mb > 0")
+    if args.max_queue < 0 or args.max_image_mb <= 0 or args.max_body_mb <= 0 or args.max_queue_wait <= 0:
+        parser.error("--max-queue must be >= 0; --max-image-mb, --max-body-mb and --max-queue-wait > 0")
     return args
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        max_queue_wait=args.max_queue_wait,
+        max_new_tokens=args.max_new_tokens,
+        default_new_tokens=min(Limits.default_new_tokens, args.max_new_tokens),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_images=args.max_images,
+        max_image_bytes=int(args.max_image_mb * 2**20),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
 
 
 class RedactFileNames(logging.Filter):
@@ -98,18 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     from serve.app import build_app, find_examples
     from serve.engine import Engine
 
-    limits = Limits(
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        max_new_tokens=args.max_new_tokens,
-        default_new_tokens=min(Limits.default_new_tokens, args.max_new_tokens),
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_images=args.max_images,
-        max_image_bytes=int(args.max_image_mb * 2**20),
-        max_body_bytes=max(
-            Limits.max_body_bytes, int(args.max_image_mb * 2**20 * 4 / 3 * args.max_images) + 2**20
-        ),
-    )
+    limits = limits_from_args(args)
     try:
         model_dir = resolve_model(args.model)
     except FileNotFoundError as e:

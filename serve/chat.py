@@ -22,7 +22,7 @@ import gradio as gr
 from PIL import Image
 
 from medllava.generation import SamplingParams
-from medllava.processing import ImageLoadError, dicom_summary, is_dicom, load_image
+from medllava.processing import ImageLoadError, ImageTooLargeError, dicom_summary, is_dicom, load_image
 from serve.engine import NOT_FOR_CLINICAL_USE, Busy, Engine
 
 FILE_TYPES = [
@@ -133,14 +133,16 @@ def add_images(session: Session, paths: list[str], engine: Engine, preview_dir: 
                 f"{engine.limits.max_image_bytes / 2**20:.0f} MiB."
             )
         try:
-            image = load_image(path)
+            # every image limit (pixels per frame, declared size of a DICOM/NIfTI) is checked there, from the header
+            image = load_image(
+                path,
+                max_pixels=engine.limits.max_image_pixels,
+                max_decoded_bytes=engine.limits.max_decoded_bytes,
+            )
+        except ImageTooLargeError as e:
+            raise gr.Error(f"Upload {k} is too large: {str(e).replace(path, 'the file')}") from None
         except ImageLoadError as e:
             raise gr.Error(f"Upload {k} cannot be read: {str(e).replace(path, 'the file')}") from None
-        if image.width * image.height > engine.limits.max_image_pixels:
-            raise gr.Error(
-                f"Upload {k} has {image.width * image.height:,} pixels; the limit is "
-                f"{engine.limits.max_image_pixels:,}."
-            )
         loaded.append((path, image, k))
     indices = []
     preview_dir.mkdir(parents=True, exist_ok=True)  # in case a temp-directory cleaner removed it

@@ -2,7 +2,7 @@
 
 `respond` is the one generator both the Gradio chat and the OpenAI-compatible API call; it is a thin wrapper over
 `medllava.generation.stream` (the one generation path) that makes sure an abandoned generation stops at the next
-token. `Engine` adds what a server needs around it: a bounded queue in front of a few generation slots.
+token. `Engine` adds what a server needs around it: a `FairQueue` in front of a few generation slots.
 
     engine = Engine.load("~/.cache/medllava/base-112px")
     for piece in engine.respond(images, messages, SamplingParams(max_new_tokens=64)):
@@ -11,8 +11,10 @@ token. `Engine` adds what a server needs around it: a bounded queue in front of 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,12 +22,15 @@ from pathlib import Path
 from PIL import Image
 
 from medllava.generation import SamplingParams, load, stream
-from medllava.processing import count_tokens
+from medllava.processing import MAX_IMAGE_PIXELS, count_tokens
 
 NOT_FOR_CLINICAL_USE = (
     "Research prototype: not a medical device and not for clinical use. Answers can be wrong; "
     "do not use them to diagnose or treat anyone."
 )
+# Temperatures in (0, MIN_TEMPERATURE) are treated as 0 (greedy): dividing the logits by them overflows to inf/nan,
+# and at any temperature this low sampling picks the most likely token anyway (vLLM treats them the same way).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,12 @@ class Limits:
 
     concurrency: int = 1  # generations running at once (CPU: one or a few)
     max_queue: int = 16  # requests allowed to wait for a slot; beyond it: 429
+    max_queue_wait: float = 300.0  # seconds a request may wait for a slot; beyond it: 503
     max_body_bytes: int = 64 * 2**20  # whole HTTP request body (images travel base64-encoded: 4/3 larger)
     max_image_bytes: int = 20 * 2**20  # one image file (a chat upload or a decoded data: URL)
-    max_image_pixels: int = 40_000_000  # one image (width x height, or rows x columns of a DICOM frame)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # one image (width x height, or rows x columns of a DICOM frame)
+    # all the pixel data a DICOM or NIfTI file declares (frames, slices), checked before it is decompressed
+    max_decoded_bytes: int = 256 * 2**20
     max_images: int = 4  # per conversation
     max_messages: int = 64
     max_prompt_tokens: int = 2048  # after image expansion
@@ -46,6 +54,126 @@ class Limits:
 
 class Busy(RuntimeError):
     """Every generation slot is taken and the queue is full."""
+
+
+class QueueTimeout(Busy):
+    """A request waited `Limits.max_queue_wait` seconds without getting a slot."""
+
+
+class Cancelled(RuntimeError):
+    """A request was withdrawn (its client left, or Stop was pressed) while it waited for a slot."""
+
+
+class FairQueue:
+    """At most `slots` holders at once; everyone else waits in line, served strictly in arrival order.
+
+    `admit()` hands out a `Ticket` at once (or raises `Busy` when `slots + max_waiting` tickets are out);
+    `Ticket.wait()` blocks until the ticket is first in line and a slot is free, and `Ticket.close()` gives the
+    slot (or the place in line) back. A newcomer never overtakes a waiting ticket, unlike a semaphore, where
+    whichever thread asks right after a release wins. Waiting is bounded (`QueueTimeout`) and can be called off
+    through an event (`Cancelled`), so a request whose client has gone leaves the line without running.
+    """
+
+    def __init__(self, slots: int, max_waiting: int):
+        if slots < 1 or max_waiting < 0:
+            raise ValueError("a FairQueue needs slots >= 1 and max_waiting >= 0")
+        self.slots, self.max_waiting = slots, max_waiting
+        self._cond = threading.Condition()
+        self._line: collections.deque[Ticket] = collections.deque()  # waiting, in arrival order
+        self._running = 0
+
+    @property
+    def pending(self) -> int:
+        """Tickets out: running plus waiting."""
+        return self._running + len(self._line)
+
+    def admit(self) -> Ticket:
+        with self._cond:
+            limit = self.slots + self.max_waiting
+            if self.pending >= limit:
+                raise Busy(
+                    f"the server is busy: {self.pending} request(s) running or waiting, the limit is {limit} "
+                    f"({self.slots} running + {self.max_waiting} queued); retry shortly"
+                )
+            ticket = Ticket(self)
+            self._line.append(ticket)
+            return ticket
+
+    def position(self, ticket: Ticket) -> int:
+        """How many tickets are ahead of this one in line (0: next), or -1 once it runs or has left."""
+        with self._cond:
+            return self._line.index(ticket) if ticket in self._line else -1
+
+    def _wait(self, ticket: Ticket, timeout: float | None, cancel: threading.Event | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if ticket.state != "waiting":
+                if ticket.state == "closed":
+                    raise RuntimeError("this ticket has been closed")
+                return  # already running
+            while not (self._line[0] is ticket and self._running < self.slots):
+                if cancel is not None and cancel.is_set():
+                    self._remove(ticket)
+                    raise Cancelled("the request was withdrawn while it waited for a generation slot")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    ahead = self._line.index(ticket)
+                    self._remove(ticket)
+                    raise QueueTimeout(
+                        f"the server is busy: waited {timeout:g} s for a generation slot with {ahead} request(s) "
+                        f"still ahead in the queue; retry later"
+                    )
+                # an event cannot wake a Condition: look at `cancel` every 50 ms
+                self._cond.wait(left if cancel is None else min(0.05, left if left is not None else 0.05))
+            self._line.popleft()
+            self._running += 1
+            ticket.state = "running"
+            self._cond.notify_all()  # the next in line may take another free slot
+
+    def _remove(self, ticket: Ticket) -> None:  # with self._cond held
+        self._line.remove(ticket)
+        ticket.state = "closed"
+        self._cond.notify_all()
+
+    def _close(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket.state == "waiting":
+                self._remove(ticket)
+            elif ticket.state == "running":
+                self._running -= 1
+                ticket.state = "closed"
+                self._cond.notify_all()
+
+
+class Ticket:
+    """A place in a `FairQueue`: "waiting", then "running" once `wait()` returns, then "closed". Released once, by
+    `close()`, by leaving a `with` block, or when garbage collected (a streamed response whose client left before
+    it started never runs its generator)."""
+
+    def __init__(self, queue: FairQueue):
+        self._queue = queue
+        self.state = "waiting"
+
+    def wait(self, timeout: float | None = None, cancel: threading.Event | None = None) -> None:
+        """Block until this ticket holds a slot (at once if it already does); `QueueTimeout` after `timeout`
+        seconds, `Cancelled` as soon as `cancel` is set. Either way the ticket has then left the line."""
+        self._queue._wait(self, timeout, cancel)
+
+    @property
+    def position(self) -> int:
+        return self._queue.position(self)
+
+    def close(self) -> None:
+        self._queue._close(self)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def respond(
@@ -81,14 +209,13 @@ def respond(
     finally:
         if not finished:
             stop.set()
-            for (
-                _
-            ) in pieces:  # runs `stream` to its end (within one token of the stop): the thread has finished
+            # runs `stream` to its end (within one token of the stop): the thread has finished
+            for _ in pieces:
                 pass
 
 
 class Engine:
-    """One loaded model, its limits, and the slots that bound concurrent generation (shared by chat and API)."""
+    """One loaded model, its limits, and the queue that bounds concurrent generation (shared by chat and API)."""
 
     def __init__(
         self,
@@ -105,9 +232,11 @@ class Engine:
         self.aliases = tuple(aliases)  # other accepted names, e.g. the --model argument as typed
         self.limits = limits or Limits()
         self.image_token = getattr(processor, "image_token", "<image>")
-        self._slots = threading.BoundedSemaphore(self.limits.concurrency)
-        self._lock = threading.Lock()
-        self._pending = 0
+        self.queue = FairQueue(self.limits.concurrency, self.limits.max_queue)
+        # No token is longer than this many characters (byte-level tokens: bytes >= characters), so text longer
+        # than max_prompt_tokens x this cannot fit the prompt: refused before it is tokenised.
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         # torch's CPU random generator is process-global: two sampled generations running at once would draw
         # from each other's stream and a `seed` would not reproduce. Sampled generations take this lock (greedy
         # ones do not need it), so seeded sampling is reproducible at any concurrency.
@@ -133,55 +262,64 @@ class Engine:
         )
 
     def admit(self) -> Ticket:
-        """Take a place in the bounded queue at once, or raise `Busy` when it is full (never blocks).
+        """Take a place in the queue at once, or raise `Busy` when it is full (never blocks).
 
         Admission is separate from running so the HTTP API can answer 429 before it starts a streamed response.
         """
-        with self._lock:
-            limit = self.limits.concurrency + self.limits.max_queue
-            if self._pending >= limit:
-                raise Busy(
-                    f"the server is busy: {self._pending} request(s) running or waiting, the limit is {limit} "
-                    f"({self.limits.concurrency} running + {self.limits.max_queue} queued); retry shortly"
-                )
-            self._pending += 1
-        return Ticket(self)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._pending -= 1
+        return self.queue.admit()
 
     @property
     def pending(self) -> int:
         """Requests admitted and not finished (running or waiting for a slot)."""
-        return self._pending
+        return self.queue.pending
 
     @contextlib.contextmanager
-    def slot(self, ticket: Ticket | None = None):
-        """Hold one generation slot (admitting first unless a ticket is given); waits while others run."""
+    def slot(self, ticket: Ticket | None = None, cancel: threading.Event | None = None):
+        """Hold one generation slot (admitting first unless a ticket is given); waits in line while others run,
+        at most `Limits.max_queue_wait` seconds (`QueueTimeout`), or until `cancel` is set (`Cancelled`)."""
         ticket = ticket or self.admit()
-        try:
-            with self._slots:
-                yield
-        finally:
-            ticket.close()
+        with ticket:
+            ticket.wait(self.limits.max_queue_wait, cancel)
+            yield
 
     def prompt_tokens(self, messages: Sequence[dict]) -> int:
         return count_tokens(self.processor, {"messages": list(messages)})
+
+    @property
+    def max_text_chars(self) -> int:
+        """Characters of message text beyond which a prompt is certainly over `max_prompt_tokens`."""
+        return self.limits.max_prompt_tokens * self.max_token_chars
+
+    def check_text(self, messages: Sequence[dict]) -> None:
+        """The cheap bounds (message count, characters of text), checked before anything is tokenised."""
+        limits = self.limits
+        if len(messages) > limits.max_messages:
+            raise ValueError(
+                f"{len(messages)} messages in the conversation; the limit is {limits.max_messages}"
+            )
+        n = sum(
+            len(m["content"])
+            if isinstance(m["content"], str)
+            else sum(len(p.get("text") or "") for p in m["content"])
+            for m in messages
+        )
+        if n > self.max_text_chars:
+            raise ValueError(
+                f"the messages hold {n:,} characters of text, more than {limits.max_prompt_tokens} prompt tokens "
+                f"can hold ({self.max_text_chars:,} characters at most); the limit is "
+                f"{limits.max_prompt_tokens} tokens"
+            )
 
     def check(self, images: Sequence[Image.Image], messages: Sequence[dict], params: SamplingParams) -> None:
         """Raise ValueError with a clear reason if a conversation is over a limit."""
         limits = self.limits
         if len(images) > limits.max_images:
             raise ValueError(f"{len(images)} images in the conversation; the limit is {limits.max_images}")
-        if len(messages) > limits.max_messages:
-            raise ValueError(
-                f"{len(messages)} messages in the conversation; the limit is {limits.max_messages}"
-            )
         if params.max_new_tokens > limits.max_new_tokens:
             raise ValueError(
                 f"max tokens {params.max_new_tokens} is over the limit of {limits.max_new_tokens}"
             )
+        self.check_text(messages)
         n = self.prompt_tokens(messages)
         if n > limits.max_prompt_tokens:
             raise ValueError(
@@ -196,23 +334,17 @@ class Engine:
         usage: dict | None = None,
         ticket: Ticket | None = None,
     ) -> Iterator[str]:
-        """`respond` inside a generation slot: admitted to the queue (or `Busy`), then waiting for a slot."""
-        with self.slot(ticket), self._rng if params.temperature > 0 else contextlib.nullcontext():
-            yield from respond(self.model, self.processor, images, messages, params, usage)
+        """`respond` inside a generation slot: admitted to the queue (or `Busy`), then waiting in line for a slot.
 
-
-class Ticket:
-    """A place in an engine's queue; released once, by `close()`, by `Engine.slot`, or when garbage collected
-    (a streamed response whose client left before it started never runs its generator)."""
-
-    def __init__(self, engine: Engine):
-        self._engine = engine
-        self._open = True
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._engine._leave()
-
-    def __del__(self):
-        self.close()
+        `params.stop_event` both stops a running generation and withdraws a waiting one (nothing is yielded).
+        """
+        if 0 < params.temperature < MIN_TEMPERATURE:
+            params = replace(params, temperature=0.0)
+        try:
+            with self.slot(ticket, params.stop_event):
+                if params.stop_event is not None and params.stop_event.is_set():
+                    return
+                with self._rng if params.temperature > 0 else contextlib.nullcontext():
+                    yield from respond(self.model, self.processor, images, messages, params, usage)
+        except Cancelled:
+            return

@@ -9,7 +9,6 @@ import base64
 import inspect
 import io
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import random_image
+from conftest import free_port, random_image
 
 from medllava.generation import SamplingParams
 from medllava.processing import image_token_count
@@ -38,12 +37,6 @@ LIMITS = Limits(
     max_messages=12,
     max_prompt_tokens=600,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
