@@ -11,6 +11,7 @@ train in each curriculum stage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +23,69 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 
-# Which parts train in each curriculum stage (LLaVA-Med: stage 1 projector only, later stages projector + LLM).
-STAGES: dict[str, tuple[str, ...]] = {
-    "align": ("projector",),
-    "instruct": ("projector", "llm"),
-    "specialist": ("projector", "llm"),
-    "preference": ("projector", "llm"),
-}
 # LoRA on the LLM's linear layers only; `all-linear` would also wrap the vision tower and the projector.
 LLM_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR_MODULE = "multi_modal_projector"
+VISION_MODULE = "vision_tower"
+# The linear layers of a tower block that vision LoRA adapts: attention (DINOv2: q/k/v/o_proj; CLIP, SigLIP:
+# q/k/v_proj, out_proj) and MLP (fc1, fc2), as named in transformers 5.23.
+VISION_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2")
+VISION_MODES = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class VisionTraining:
+    """How much of the vision tower trains: its last `blocks` transformer blocks among those that feed the
+    features Llava reads (`vision_feature_layer`), in full or by LoRA on their linear layers.
+
+    blocks 0: the tower is frozen. blocks -1: in full, the whole tower (embeddings and every block, as
+    `train_vision: true`); with LoRA, every block that feeds the features. Blocks after the feature layer and
+    the tower's final layernorm are not in Llava's forward pass: they get no gradient and never change.
+    """
+
+    blocks: int = 0
+    mode: str = "full"
+
+    def __post_init__(self):
+        if self.blocks < -1:
+            raise ValueError(f"vision blocks must be -1 (all), 0 (frozen) or a count > 0, got {self.blocks}")
+        if self.mode not in VISION_MODES:
+            raise ValueError(f"vision training mode must be one of {VISION_MODES}, got {self.mode!r}")
+
+    @property
+    def trains(self) -> bool:
+        return self.blocks != 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What trains in a curriculum stage: whole parts ("projector", "llm") and how much of the vision tower
+    (a recipe can override the tower's share: ScriptArguments.vision_train_blocks / vision_train_mode)."""
+
+    parts: tuple[str, ...]
+    vision: VisionTraining = VisionTraining()
+
+    def __contains__(self, part: str) -> bool:
+        return part in self.parts or (part == "vision" and self.vision.trains)
+
+
+# Which parts train in each curriculum stage (LLaVA-Med: stage 1 projector only, later stages projector + LLM;
+# the vision tower frozen unless a recipe trains its last blocks).
+STAGES: dict[str, Stage] = {
+    "align": Stage(("projector",)),
+    "instruct": Stage(("projector", "llm")),
+    "specialist": Stage(("projector", "llm")),
+    "preference": Stage(("projector", "llm")),
+}
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def model_parts(model) -> dict[str, list[nn.Module]]:
     """The three parts of a Llava model (unwrapping a PEFT model if needed)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = _unwrap(model)
     inner = model.model
     return {
         "vision": [inner.vision_tower],
@@ -46,16 +94,119 @@ def model_parts(model) -> dict[str, list[nn.Module]]:
     }
 
 
-def freeze_for_stage(model, stage: str, train_vision: bool = False) -> dict[str, int]:
-    """Set `requires_grad` for a curriculum stage; return the number of trainable parameters per part."""
+def _feature_depth(config, n_blocks: int) -> int:
+    """How many of the tower's blocks the selected features pass through (hidden_states[i] follows block i)."""
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    depths = [layer if layer >= 0 else n_blocks + 1 + layer for layer in layers]
+    if not all(0 <= d <= n_blocks for d in depths):
+        raise ValueError(
+            f"vision_feature_layer {config.vision_feature_layer} is outside a {n_blocks}-block tower"
+        )
+    return max(depths)
+
+
+def vision_blocks(model) -> tuple[str, list[nn.Module]]:
+    """(module path of the tower's block list in the Llava model, the blocks that feed the features, in order).
+
+    Finds the list of transformer blocks whatever the tower (DINOv2 `encoder.layer`, CLIP/SigLIP
+    `encoder.layers`): the ModuleList with as many entries as the tower's `num_hidden_layers`.
+    """
+    model = _unwrap(model)
+    tower = model.model.vision_tower
+    n_blocks = tower.config.num_hidden_layers
+    tower_path = next(name for name, module in model.named_modules() if module is tower)
+    lists = [
+        (name, module)
+        for name, module in tower.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == n_blocks
+        and name.rsplit(".", 1)[-1] in ("layer", "layers", "blocks")
+    ]
+    if len(lists) != 1:
+        raise ValueError(
+            f"cannot find the transformer blocks of the {type(tower).__name__} vision tower (a ModuleList named "
+            f"layer/layers/blocks with {n_blocks} entries; found {[name for name, _ in lists]})"
+        )
+    name, blocks = lists[0]
+    depth = _feature_depth(model.config, n_blocks)
+    return f"{tower_path}.{name}", list(blocks)[:depth]
+
+
+def _chosen_blocks(model, blocks: int) -> tuple[str, list[int]]:
+    """(block list path, indices of the last `blocks` blocks that feed the features; -1: all of them)."""
+    path, feeding = vision_blocks(model)
+    if blocks == -1:
+        blocks = len(feeding)
+    if blocks > len(feeding):
+        n_blocks = _unwrap(model).model.vision_tower.config.num_hidden_layers
+        raise ValueError(
+            f"vision blocks {blocks}: only {len(feeding)} of the tower's {n_blocks} blocks feed the features "
+            f"(vision_feature_layer {_unwrap(model).config.vision_feature_layer}); use at most {len(feeding)}, "
+            "or -1 for all"
+        )
+    return path, list(range(len(feeding) - blocks, len(feeding)))
+
+
+def vision_train_modules(model, blocks: int) -> list[str]:
+    """Module paths (in the Llava model) that train in full for `blocks` (VisionTraining.blocks): the chosen
+    blocks, or the whole tower for -1. What PEFT's `modules_to_save` gets when the LLM trains by LoRA."""
+    if blocks == 0:
+        return []
+    if blocks == -1:
+        tower = model_parts(model)["vision"][0]
+        return [next(name for name, module in _unwrap(model).named_modules() if module is tower)]
+    path, indices = _chosen_blocks(model, blocks)
+    return [f"{path}.{i}" for i in indices]
+
+
+def vision_lora_target(model, blocks: int) -> str:
+    """A PEFT `target_modules` regex for the VISION_LORA_LAYERS linear layers of the last `blocks` blocks
+    (-1: every block that feeds the features), matched with or without PEFT's `base_model.model.` prefix."""
+    import re
+
+    path, indices = _chosen_blocks(model, blocks)
+    block_lists = dict(_unwrap(model).named_modules())[path]
+    layers = sorted(
+        {
+            name
+            for i in indices
+            for name, module in block_lists[i].named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in VISION_LORA_LAYERS
+        }
+    )
+    if not layers:
+        raise ValueError(f"no linear layers named {VISION_LORA_LAYERS} in the vision tower's blocks ({path})")
+    index = "|".join(map(str, indices))
+    return rf"(?:.*\.)?{re.escape(path)}\.(?:{index})\.(?:{'|'.join(map(re.escape, layers))})"
+
+
+def freeze_for_stage(
+    model, stage: str, train_vision: bool = False, vision: VisionTraining | None = None
+) -> dict[str, int]:
+    """Set `requires_grad` for a curriculum stage; return the number of trainable parameters per part.
+
+    The tower trains as the stage declares (STAGES[stage].vision) unless `vision` says otherwise;
+    `train_vision=True` is the whole tower (VisionTraining(-1)). Full training only: LoRA on the tower is
+    PEFT's (train.models.get_model).
+    """
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; choose one of {sorted(STAGES)}")
-    trainable = set(STAGES[stage]) | ({"vision"} if train_vision else set())
+    if train_vision:
+        if vision is not None and vision != VisionTraining(-1):
+            raise ValueError(f"train_vision (the whole tower) contradicts {vision}")
+        vision = VisionTraining(-1)
+    vision = STAGES[stage].vision if vision is None else vision
+    if vision.trains and vision.mode != "full":
+        raise ValueError("freeze_for_stage trains parts in full; LoRA on the vision tower goes through PEFT")
     parts = model_parts(model)
     model.requires_grad_(False)
-    for name in trainable:
+    for name in STAGES[stage].parts:
         for module in parts[name]:
             module.requires_grad_(True)
+    modules = dict(_unwrap(model).named_modules())
+    for name in vision_train_modules(model, vision.blocks):
+        modules[name].requires_grad_(True)
     return count_trainable(model)
 
 
@@ -136,6 +287,46 @@ def _interpolates_positions(vision_config) -> bool:
     return vision_config.model_type in ("dinov2", "dinov2_with_registers")
 
 
+def check_image_size(vision_config, image_size: int | None) -> int:
+    """The image side a tower reads: any multiple of the patch size for towers that interpolate their position
+    embeddings (DINOv2; default DEFAULT_IMAGE_SIZE), their trained size for the others (CLIP, SigLIP)."""
+    from medllava.assets import DEFAULT_IMAGE_SIZE
+
+    if _interpolates_positions(vision_config):
+        image_size = image_size or DEFAULT_IMAGE_SIZE
+    else:
+        if image_size not in (None, vision_config.image_size):
+            raise ValueError(
+                f"{vision_config.model_type} works at its trained size {vision_config.image_size}, not {image_size}"
+            )
+        image_size = vision_config.image_size
+    if image_size <= 0 or image_size % vision_config.patch_size:
+        raise ValueError(
+            f"image_size {image_size} is not a positive multiple of the patch size {vision_config.patch_size}"
+        )
+    return image_size
+
+
+def image_size_of(model) -> int:
+    """The image side a Llava model was set up for (from `image_seq_length`: (side / patch)^2 image tokens)."""
+    import math
+
+    return math.isqrt(model.config.image_seq_length) * model.config.vision_config.patch_size
+
+
+def set_image_size(model, processor, image_size: int) -> int:
+    """Make a loaded (model, processor) read images at `image_size` px; returns the image tokens per image.
+
+    The weights do not depend on the side (DINOv2 interpolates its position embeddings): only the processor's
+    resize and `config.image_seq_length` change, and both are saved with the model.
+    """
+    vision_config = model.config.vision_config
+    image_size = check_image_size(vision_config, image_size)
+    processor.image_processor = make_image_processor(image_size, processor.image_processor)
+    model.config.image_seq_length = (image_size // vision_config.patch_size) ** 2
+    return model.config.image_seq_length
+
+
 def make_image_processor(image_size: int, base=None):
     """Resize the whole image to a square (no centre crop: a crop can cut a finding at the border)."""
     from transformers import BitImageProcessorPil
@@ -165,22 +356,11 @@ def build_model(
     """Assemble (model, processor). `image_size` applies to towers that interpolate positions (DINOv2)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from medllava.assets import DEFAULT_IMAGE_SIZE
-
     vision_model, vision_processor = load_vision(vision, dtype=dtype)
     llm_model, tokenizer = load_llm(llm, tokenizer=tokenizer, dtype=dtype)
     vcfg, tcfg = vision_model.config, llm_model.config
 
-    if _interpolates_positions(vcfg):
-        image_size = image_size or DEFAULT_IMAGE_SIZE
-    else:
-        if image_size not in (None, vcfg.image_size):
-            raise ValueError(
-                f"{vcfg.model_type} works at its trained size {vcfg.image_size}, not {image_size}"
-            )
-        image_size = vcfg.image_size
-    if image_size % vcfg.patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vcfg.patch_size}")
+    image_size = check_image_size(vcfg, image_size)
     n_extra = 1 if _has_cls_token(vcfg) else 0
     num_image_tokens = (image_size // vcfg.patch_size) ** 2
 
@@ -262,7 +442,9 @@ def save_delta(
 
     Changed matrices whose change has low rank (LoRA merges: the sum of each stage's B @ A) are stored as two
     factors `<name>::A`, `<name>::B` (in `factor_dtype`: float16 halves the size at ~1e-3 relative error of the
-    change); other changed tensors (the projector) in full. Returns {tensor: stored numel}.
+    change); other changed tensors (the projector, vision blocks trained in full) in full. The trained model's
+    image side goes into the file's metadata (`image_size`), so `apply_delta` rebuilds its processor too.
+    Returns {tensor: stored numel}.
     """
     from safetensors.torch import save_file
 
@@ -283,17 +465,26 @@ def save_delta(
         sizes[name] = value.numel()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(delta, str(out_dir / "delta.safetensors"), metadata={"format": "medllava-delta-v1"})
+    metadata = {"format": "medllava-delta-v1", "image_size": str(image_size_of(trained_model))}
+    save_file(delta, str(out_dir / "delta.safetensors"), metadata=metadata)
     return sizes
 
 
 def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path) -> None:
-    """Base checkpoint + delta -> a full plain-HF Llava checkpoint in out_dir."""
+    """Base checkpoint + delta -> a full plain-HF Llava checkpoint in out_dir (at the delta's image side, if it
+    records one)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
-    delta = load_file(str(Path(delta_dir) / "delta.safetensors"))
+    processor = AutoProcessor.from_pretrained(base_dir)
+    path = str(Path(delta_dir) / "delta.safetensors")
+    with safe_open(path, framework="pt") as f:
+        image_size = (f.metadata() or {}).get("image_size")
+    if image_size and int(image_size) != image_size_of(model):
+        set_image_size(model, processor, int(image_size))
+    delta = load_file(path)
     state = model.state_dict()
     full = {}
     for key, value in delta.items():
@@ -306,4 +497,4 @@ def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path
             full[name] = value
     model.load_state_dict(full, strict=False)
     model.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(base_dir).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)

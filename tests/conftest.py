@@ -30,7 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(image_size: int = 28, seed: int = 0, vision_hidden: int = 32, text_hidden: int = 64):
+def tiny_model(
+    image_size: int = 28,
+    seed: int = 0,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    vision_layers: int = 2,
+):
     """A random (model, processor) pair: DINOv2-like tower, Llama LLM, real tokenizer and chat template."""
     from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
@@ -42,7 +48,7 @@ def tiny_model(image_size: int = 28, seed: int = 0, vision_hidden: int = 32, tex
     vision = Dinov2Model(
         Dinov2Config(
             hidden_size=vision_hidden,
-            num_hidden_layers=2,
+            num_hidden_layers=vision_layers,
             num_attention_heads=2,
             mlp_ratio=2,
             patch_size=14,

@@ -125,3 +125,209 @@ def test_delta_round_trip_stores_low_rank_changes_compactly(tmp_path):
     rebuilt = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     for name, value in trained.state_dict().items():
         assert torch.allclose(rebuilt.state_dict()[name], value, atol=1e-5), name
+
+
+# --- the vision tower as a trainable part -----------------------------------------------------------------------
+
+# The linear layers vision LoRA adapts in one block of each tower kind (transformers 5.23 module names).
+TOWER_LINEARS = {
+    "dinov2": [
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ],
+    "clip": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ],
+    "siglip": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ],
+}
+TOWER_BLOCKS = {
+    "dinov2": "model.vision_tower.encoder.layer",
+    "clip": "model.vision_tower.encoder.layers",
+    "siglip": "model.vision_tower.encoder.layers",
+}
+
+
+def tower_model(kind: str, layers: int = 4):
+    """A tiny Llava around a random 4-block DINOv2, CLIP or SigLIP tower (28 px, patch 14)."""
+    import transformers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from medllava.assets import llm_dir
+    from medllava.modeling import build_model
+
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, patch_size=14, image_size=28
+    )
+    vision = {
+        "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common)),
+        "clip": lambda: transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(intermediate_size=64, **common)
+        ),
+        "siglip": lambda: transformers.SiglipVisionModel(
+            transformers.SiglipVisionConfig(intermediate_size=64, **common)
+        ),
+    }[kind]()
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir())
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    return build_model(vision=vision, llm=llm, tokenizer=tokenizer, image_size=28)
+
+
+def _block_params(model, kind: str, indices) -> set[str]:
+    prefixes = tuple(f"{TOWER_BLOCKS[kind]}.{i}." for i in indices)
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("kind", sorted(TOWER_BLOCKS))
+def test_last_vision_blocks_train_and_all_of_them_feed_the_features(kind):
+    from medllava.modeling import VisionTraining, vision_blocks
+
+    model, processor = tower_model(kind)
+    # vision_feature_layer -2 of 4 blocks: the features are block 2's output; block 3 never reaches the LLM
+    path, blocks = vision_blocks(model)
+    assert path == TOWER_BLOCKS[kind] and len(blocks) == 3
+    counts = freeze_for_stage(model, "align", vision=VisionTraining(2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tower = {n for n in trainable if ".vision_tower." in n}
+    assert tower == _block_params(model, kind, (1, 2)), sorted(tower)
+    assert trainable - tower == {n for n, _ in model.named_parameters() if "multi_modal_projector" in n}
+    assert counts["vision"] == sum(p.numel() for n, p in model.named_parameters() if n in tower) > 0
+    model.train()
+    model(**encode(processor, [_example()])).logits.sum().backward()
+    no_grad = sorted(
+        n for n, p in model.named_parameters() if n in tower and (p.grad is None or not p.grad.any())
+    )
+    assert not no_grad, no_grad
+    # the whole tower (train_vision): block 3 and the final layernorm are outside Llava's forward pass
+    model.zero_grad(set_to_none=True)
+    freeze_for_stage(model, "align", train_vision=True)
+    model(**encode(processor, [_example()])).logits.sum().backward()
+    unused = {n for n, p in model.named_parameters() if ".vision_tower." in n and p.grad is None}
+    assert _block_params(model, kind, (3,)) <= unused and any("layernorm" in n for n in unused), sorted(
+        unused
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(TOWER_BLOCKS))
+def test_vision_lora_targets_exactly_the_linear_layers_of_the_chosen_blocks(kind):
+    from peft import LoraConfig, get_peft_model
+
+    from medllava.modeling import LLM_LORA_TARGET_MODULES, vision_lora_target
+
+    model, _ = tower_model(kind)
+    target = vision_lora_target(model, 2)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=f"(?:{LLM_LORA_TARGET_MODULES})|(?:{target})")
+    )
+    adapted = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+    }
+    tower = {n for n in adapted if ".vision_tower." in n}
+    assert tower == {f"{TOWER_BLOCKS[kind]}.{i}.{layer}" for i in (1, 2) for layer in TOWER_LINEARS[kind]}
+    assert adapted - tower and all(".language_model." in n for n in adapted - tower)
+    # -1: every block that feeds the features
+    assert vision_lora_target(model, -1) == target.replace("(?:1|2)", "(?:0|1|2)")
+
+
+def test_vision_training_is_validated(tiny):
+    from medllava.modeling import STAGES, Stage, VisionTraining, vision_train_modules
+
+    model, _ = tiny
+    # the tiny tower has 2 blocks; vision_feature_layer -2: only block 0 feeds the features
+    with pytest.raises(ValueError, match="only 1 of the tower's 2 blocks feed the features"):
+        vision_train_modules(model, 2)
+    with pytest.raises(ValueError, match="-1 \\(all\\), 0 \\(frozen\\)"):
+        VisionTraining(-2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VisionTraining(1, "partial")
+    with pytest.raises(ValueError, match="LoRA on the vision tower goes through PEFT"):
+        freeze_for_stage(tiny_model()[0], "align", vision=VisionTraining(1, "lora"))
+    with pytest.raises(ValueError, match="train_vision .* contradicts"):
+        freeze_for_stage(tiny_model()[0], "align", train_vision=True, vision=VisionTraining(1))
+    assert all(not stage.vision.trains for stage in STAGES.values())  # today's defaults: the tower frozen
+    assert "vision" in Stage(("projector",), VisionTraining(1)) and "llm" not in Stage(("projector",))
+    assert vision_train_modules(model, -1) == ["model.vision_tower"] and vision_train_modules(model, 0) == []
+
+
+def test_set_image_size_changes_the_image_token_count_and_is_saved(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from medllava.modeling import image_size_of, set_image_size
+
+    model, processor = tiny_model(image_size=28)
+    assert image_token_count(processor) == 4 and image_size_of(model) == 28
+    assert set_image_size(model, processor, 42) == 9
+    batch = encode(processor, [_example()])
+    assert (
+        int((batch["input_ids"] == model.config.image_token_index).sum()) == image_token_count(processor) == 9
+    )
+    assert batch["pixel_values"].shape[-2:] == (42, 42)
+    with torch.no_grad():
+        model(**batch)  # DINOv2 interpolates its position embeddings: 9 features for 9 tokens
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert image_token_count(AutoProcessor.from_pretrained(tmp_path)) == 9 and image_size_of(reloaded) == 42
+    with pytest.raises(ValueError, match="not a positive multiple of the patch size 14"):
+        set_image_size(model, processor, 50)
+    clip, clip_processor = tower_model("clip")
+    with pytest.raises(ValueError, match="clip_vision_model works at its trained size 28, not 42"):
+        set_image_size(clip, clip_processor, 42)
+
+
+def test_delta_carries_the_towers_change_and_image_size(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from medllava.modeling import apply_delta, save_delta, set_image_size
+
+    base, processor = tiny_model(vision_layers=3)
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    trained, trained_processor = tiny_model(vision_layers=3)
+    blocks = trained.model.vision_tower.encoder.layer
+    with torch.no_grad():
+        blocks[1].mlp.fc1.weight.add_(0.1 * torch.randn_like(blocks[1].mlp.fc1.weight))  # a block in full
+        blocks[1].norm1.bias.add_(0.05)
+        q = blocks[0].attention.q_proj.weight
+        q += torch.randn(q.shape[0], 2) @ torch.randn(2, q.shape[1]) * 0.1  # a merged tower LoRA: rank 2
+    set_image_size(trained, trained_processor, 42)
+    sizes = save_delta(base, trained, tmp_path / "delta")
+    assert set(sizes) == {
+        "model.vision_tower.encoder.layer.1.mlp.fc1.weight",
+        "model.vision_tower.encoder.layer.1.norm1.bias",
+        "model.vision_tower.encoder.layer.0.attention.q_proj.weight",
+    }
+    assert sizes["model.vision_tower.encoder.layer.0.attention.q_proj.weight"] == 2 * (
+        q.shape[0] + q.shape[1]
+    )
+    apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out")
+    rebuilt = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(rebuilt[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    assert image_token_count(AutoProcessor.from_pretrained(tmp_path / "out")) == 9

@@ -47,6 +47,10 @@ def data(tmp_path_factory):
     model, processor = tiny_model()
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
+    # a 4-block tower: with vision_feature_layer -2, blocks 0-2 feed the features (block 3 does not)
+    model, processor = tiny_model(vision_layers=4)
+    model.save_pretrained(root / "model4")
+    processor.save_pretrained(root / "model4")
     (root / "images").mkdir()
     answers = ["yes", "no", "a small nodule", "left lung"]
     sft, dpo, grpo = [], [], []
@@ -89,6 +93,7 @@ def data(tmp_path_factory):
     return {
         "root": root,
         "model": root / "model",
+        "model4": root / "model4",
         "sft": write_jsonl(root / "sft.jsonl", sft),
         "dpo": write_jsonl(root / "dpo.jsonl", dpo),
         "grpo": write_jsonl(root / "grpo.jsonl", grpo),
@@ -109,14 +114,19 @@ COMMON = dict(
 )
 
 
-def sft_args(data, out, stage="instruct", use_peft=False, max_steps=2, **overrides):
+def sft_args(
+    data, out, stage="instruct", use_peft=False, max_steps=2, script=None, model_dir=None, **overrides
+):
+    """(ScriptArguments, SFTConfig, ModelConfig) of a short run; `script`: more ScriptArguments fields."""
     from train.configs import ModelConfig, ScriptArguments, SFTConfig
 
-    script = ScriptArguments(train_file=str(data["sft"]), stage=stage)
+    script = ScriptArguments(train_file=str(data["sft"]), stage=stage, **(script or {}))
     training = SFTConfig(
         output_dir=str(out), max_steps=max_steps, **(COMMON | {"max_length": 256} | overrides)
     )
-    model = ModelConfig(model_name_or_path=str(data["model"]), use_peft=use_peft, lora_r=4, lora_alpha=8)
+    model = ModelConfig(
+        model_name_or_path=str(model_dir or data["model"]), use_peft=use_peft, lora_r=4, lora_alpha=8
+    )
     return script, training, model
 
 
@@ -525,18 +535,25 @@ def _losses(report) -> dict[int, float]:
 
 
 @pytest.mark.parametrize(
-    "use_peft,sampling",
+    "use_peft,sampling,vision_blocks",
     [
-        (False, "random"),
-        (False, "group_by_length"),  # batches of similar length (the starter's stage 3)
-        pytest.param(True, "random", marks=pytest.mark.slow),
-        pytest.param(True, "group_by_length", marks=pytest.mark.slow),
+        (False, "random", 0),
+        (False, "group_by_length", 0),  # batches of similar length (the starter's stage 3)
+        pytest.param(True, "random", 0, marks=pytest.mark.slow),
+        pytest.param(True, "group_by_length", 0, marks=pytest.mark.slow),
+        # the tower's last block in full beside LoRA: PEFT modules_to_save, restored from the adapter
+        pytest.param(True, "random", 1, marks=pytest.mark.slow),
     ],
-    ids=["full", "full-grouped", "lora", "lora-grouped"],
+    ids=["full", "full-grouped", "lora", "lora-grouped", "lora-tower"],
 )
-def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, sampling):
+def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, sampling, vision_blocks):
     extra = {"train_sampling_strategy": sampling}
-    uninterrupted = run_sft(data, tmp_path / "full", max_steps=4, use_peft=use_peft, **extra)
+    tower = (
+        {"script": {"vision_train_blocks": vision_blocks}, "model_dir": data["model4"]}
+        if vision_blocks
+        else {}
+    )
+    uninterrupted = run_sft(data, tmp_path / "full", max_steps=4, use_peft=use_peft, **tower, **extra)
 
     killed = tmp_path / "killed"
     script = tmp_path / "kill_sft.py"
@@ -545,15 +562,17 @@ def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, use_peft, s
     command = [
         sys.executable,
         str(script),
-        *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft), **extra),
+        *_cli(*sft_args(data, killed, max_steps=4, use_peft=use_peft, **tower), **extra),
     ]
+    if vision_blocks:
+        command += ["--vision_train_blocks", str(vision_blocks)]
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (killed / "model.safetensors").exists()
 
     # the same command again: it resumes from checkpoint-2
-    resumed = run_sft(data, killed, max_steps=4, use_peft=use_peft, **extra)
+    resumed = run_sft(data, killed, max_steps=4, use_peft=use_peft, **tower, **extra)
     assert resumed["resumed_from"].endswith("checkpoint-2")
     full_losses, resumed_losses = _losses(uninterrupted), _losses(resumed)
     assert sorted(resumed_losses) == [1, 2, 3, 4]
@@ -791,3 +810,283 @@ def test_malloc_trim_runs_only_above_the_resident_limit(caplog):
     with caplog.at_level(logging.INFO, logger="medllava.train"):
         always.on_step_end(None, state, None)
     assert always.trims == 1 and "step 3: resident" in caplog.text and "malloc_trim ->" in caplog.text
+
+
+# --- the vision tower: which blocks train, their own learning rate, with and without LoRA ------------------------
+
+TOWER_BLOCKS = "model.vision_tower.encoder.layer"
+TOWER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def moved(before, after) -> set[str]:
+    """Names of the parameters that differ between two Llava models."""
+    after = dict(after.named_parameters())
+    return {name for name, p in before.named_parameters() if not torch.equal(p, after[name])}
+
+
+def block_tensors(model, blocks, linear_weights=False) -> set[str]:
+    """Parameter names of the tower's blocks `blocks` (only their LoRA-able linear weights if asked)."""
+    names = {
+        n for n, _ in model.named_parameters() if n.startswith(tuple(f"{TOWER_BLOCKS}.{i}." for i in blocks))
+    }
+    if linear_weights:
+        names = {n for n in names if n.endswith(tuple(f"{layer}.weight" for layer in TOWER_LINEARS))}
+    return names
+
+
+def _part(names, part: str) -> set[str]:
+    return {n for n in names if f".{part}." in f".{n}"}
+
+
+def test_vision_lr_trains_exactly_the_last_blocks_at_a_new_image_size(data, tmp_path):
+    from transformers import AutoProcessor
+
+    from medllava.processing import image_token_count
+
+    # stage 1 with the tower's last 2 feeding blocks (1, 2 of 0-3) at 42 px; every other rate is 0
+    report = run_sft(
+        data,
+        tmp_path / "out",
+        stage="align",
+        model_dir=data["model4"],
+        learning_rate=0.0,
+        vision_lr=1e-2,
+        script={"vision_train_blocks": 2, "image_size": 42},
+    )
+    before, after = load_llava(data["model4"]), load_llava(tmp_path / "out")
+    chosen = block_tensors(before, (1, 2))
+    assert moved(before, after) == chosen  # block 0 below them, block 3 above, projector at rate 0: unchanged
+    params = dict(before.named_parameters())
+    assert report["trainable"]["vision"] == sum(params[n].numel() for n in chosen)
+    assert report["trainable"]["projector"] > 0 and report["trainable"]["llm"] == 0
+    # the processor was resized at load and saved with the model: 3 x 3 patches
+    assert image_token_count(AutoProcessor.from_pretrained(tmp_path / "out")) == 9
+    assert after.config.image_seq_length == 9
+
+
+def test_vision_blocks_in_full_beside_lora_on_the_llm_ship_in_the_delta(data, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from medllava.modeling import apply_delta, save_delta
+
+    out = tmp_path / "out"
+    run_sft(
+        data,
+        out,
+        stage="specialist",
+        use_peft=True,
+        model_dir=data["model4"],
+        vision_lr=1e-2,
+        script={"vision_train_blocks": 1},
+    )
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert f"{TOWER_BLOCKS}.2" in adapter_config["modules_to_save"]
+    before, after = load_llava(data["model4"]), load_llava(out)  # merged: plain transformers
+    changed = moved(before, after)
+    assert _part(changed, "vision_tower") == block_tensors(before, (2,))
+    assert _part(changed, "multi_modal_projector") == _part(
+        dict(before.named_parameters()), "multi_modal_projector"
+    )
+    llm = _part(changed, "language_model")
+    assert llm and all(n.endswith(tuple(f"{t}.weight" for t in LLM_LORA_TARGETS)) for n in llm), llm
+    # the delta over the starting model carries the tower's change: base + delta rebuilds the trained weights
+    sizes = save_delta(before, after, tmp_path / "delta")
+    assert block_tensors(before, (2,)) <= set(sizes)
+    apply_delta(data["model4"], tmp_path / "delta", tmp_path / "rebuilt")
+    rebuilt = LlavaForConditionalGeneration.from_pretrained(tmp_path / "rebuilt").state_dict()
+    for name, value in after.state_dict().items():
+        torch.testing.assert_close(rebuilt[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_vision_lora_beside_lora_on_the_llm(data, tmp_path):
+    run_sft(
+        data,
+        tmp_path / "out",
+        stage="specialist",
+        use_peft=True,
+        model_dir=data["model4"],
+        vision_lr=1e-2,
+        script={"vision_train_blocks": 2, "vision_train_mode": "lora"},
+    )
+    before, after = load_llava(data["model4"]), load_llava(tmp_path / "out")
+    changed = moved(before, after)
+    # merged LoRA: exactly the linear weights of blocks 1 and 2 moved in the tower (no bias, no norm)
+    assert _part(changed, "vision_tower") == block_tensors(before, (1, 2), linear_weights=True)
+    assert _part(changed, "language_model")
+
+
+def test_vision_lora_in_stage_align_leaves_the_llm_alone(data, tmp_path):
+    out = tmp_path / "out"
+    run_sft(
+        data,
+        out,
+        stage="align",
+        model_dir=data["model4"],
+        script={"vision_train_blocks": 1, "vision_train_mode": "lora"},
+    )
+    before, after = load_llava(data["model4"]), load_llava(out)
+    params = dict(before.named_parameters())
+    assert moved(before, after) == _part(params, "multi_modal_projector") | block_tensors(
+        before, (2,), linear_weights=True
+    )
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "stage, use_peft, script, message",
+    [
+        ("instruct", False, {"vision_train_blocks": 1, "vision_train_mode": "lora"}, "set use_peft"),
+        ("align", True, {}, "LoRA on the LLM does not apply"),
+        ("align", False, {"vision_train_blocks": 4}, "only 3 of the tower's 4 blocks feed the features"),
+        ("align", False, {"image_size": 50}, "not a positive multiple of the patch size 14"),
+    ],
+)
+def test_impossible_tower_settings_are_clear_errors(data, tmp_path, stage, use_peft, script, message):
+    from train.models import get_model
+
+    script, training, model = sft_args(
+        data, tmp_path, stage=stage, use_peft=use_peft, model_dir=data["model4"], script=script
+    )
+    with pytest.raises(ValueError, match=message):
+        get_model(model, script, training)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vision_train_blocks": -2}, "-1 \\(all\\), 0 \\(frozen\\)"),
+        ({"vision_train_mode": "partial"}, "mode must be one of"),
+        ({"train_vision": True, "vision_train_blocks": 2}, "train_vision .* contradicts"),
+        ({"image_size": 0}, "image_size must be > 0"),
+        ({"mix_files": ["a.jsonl"]}, "mix_fractions has 0 value"),
+        ({"mix_files": ["a.jsonl", "b.jsonl"], "mix_fractions": [0.5, 0.5]}, "their sum below 1"),
+    ],
+)
+def test_tower_and_mix_arguments_are_validated(overrides, message):
+    from train.configs import ScriptArguments
+
+    with pytest.raises(ValueError, match=message):
+        ScriptArguments(**({"train_file": "x.jsonl"} | overrides))
+
+
+def test_vision_training_follows_the_stage_unless_the_recipe_says(tmp_path):
+    from medllava.modeling import VisionTraining
+    from train.configs import ScriptArguments, SFTConfig
+
+    assert ScriptArguments(train_file="x", stage="align").vision_training() == VisionTraining(0)
+    assert ScriptArguments(train_file="x", train_vision=True).vision_training() == VisionTraining(-1, "full")
+    lora = ScriptArguments(train_file="x", vision_train_blocks=3, vision_train_mode="lora")
+    assert lora.vision_training() == VisionTraining(3, "lora")
+    with pytest.raises(ValueError, match="vision_lr must be >= 0"):
+        SFTConfig(output_dir=str(tmp_path), vision_lr=-1.0)
+
+
+def test_dpo_trains_the_chosen_vision_block_at_its_own_rate(data, tmp_path):
+    from train.configs import DPOConfig, ModelConfig, ScriptArguments
+    from train.dpo import main
+
+    script = ScriptArguments(train_file=str(data["dpo"]), stage="preference", vision_train_blocks=1)
+    training = DPOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, max_length=256, beta=0.1, vision_lr=1e-2, **COMMON
+    )
+    main(script, training, ModelConfig(model_name_or_path=str(data["model4"])))
+    before, after = load_llava(data["model4"]), load_llava(tmp_path / "out")
+    changed = moved(before, after)
+    assert _part(changed, "vision_tower") == block_tensors(before, (2,))
+    assert _part(changed, "language_model") and _part(changed, "multi_modal_projector")
+
+
+def test_grpo_accepts_vision_lora_beside_lora_on_the_llm(data, tmp_path):
+    from train.configs import GRPOConfig, GRPOScriptArguments, ModelConfig
+    from train.grpo import main
+
+    script = GRPOScriptArguments(
+        train_file=str(data["grpo"]), stage="preference", vision_train_blocks=1, vision_train_mode="lora"
+    )
+    training = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        num_generations=2,
+        max_completion_length=8,
+        vision_lr=1e-2,
+        **(COMMON | {"per_device_train_batch_size": 4}),
+    )
+    model = ModelConfig(model_name_or_path=str(data["model4"]), use_peft=True, lora_r=4, lora_alpha=8)
+    report = main(script, training, model)
+    # LoRA r 4 on block 2's q/k/v/o_proj (32 -> 32), fc1 (32 -> 64) and fc2 (64 -> 32)
+    assert report["trainable"]["vision"] == 4 * 4 * (32 + 32) + 4 * (32 + 64) + 4 * (64 + 32)
+    before, after = load_llava(data["model4"]), load_llava(tmp_path / "out")
+    # GRPO moves a tensor only where rewards differ within a group; whatever moved in the tower is block 2's
+    assert _part(moved(before, after), "vision_tower") <= block_tensors(before, (2,), linear_weights=True)
+
+
+# --- several training files ----------------------------------------------------------------------------------
+
+
+def test_mix_files_add_their_share_of_rows(data, tmp_path):
+    from transformers import AutoProcessor
+
+    from medllava.schema import SchemaError
+    from train.data import get_datasets
+
+    captions = [
+        {
+            "id": f"c{i}",
+            "images": [f"images/{i}.png"],
+            "messages": [_user("Describe the image."), _assistant(f"Caption {i}.")],
+            "modality": "CT",
+        }
+        for i in range(5)
+    ]
+    path = write_jsonl(data["root"] / "captions_mix.jsonl", captions)
+    processor = AutoProcessor.from_pretrained(data["model"])
+    script, _, _ = sft_args(data, "unused", script={"mix_files": [str(path)], "mix_fractions": [0.2]})
+    train, _, report = get_datasets(script, processor, 256, "sft")
+    # 17 rows of train_file are 80%: 0.2 / 0.8 x 17 = 4.25 -> the first 4 caption rows
+    assert report["train"]["kept"] == 17 and len(train) == 21
+    assert train["id"][17:] == ["c0", "c1", "c2", "c3"]
+    assert report["train"]["mixed"][0] | {"file": None} == {
+        "file": None,
+        "rows": 4,
+        "kept": 4,
+        "dropped_too_long": 0,
+        "fraction": 0.2,
+        "used": 4,
+        "passes": 1.0,
+    }
+    # a field only the mixed rows have is a column (None for the others); lengths for every row
+    assert train["modality"][:17] == [None] * 17 and train["modality"][17] == "CT"
+    assert len(train["length"]) == 21 and all(n > 0 for n in train["length"])
+    # more than the file has: its rows repeat, in order
+    script.mix_fractions = [0.5]
+    train, _, report = get_datasets(script, processor, 256, "sft")
+    assert (
+        train["id"][17:] == [f"c{i % 5}" for i in range(17)] and report["train"]["mixed"][0]["passes"] == 3.4
+    )
+    script.mix_files = [str(data["dpo"])]
+    with pytest.raises(SchemaError, match="sft rows expected"):
+        get_datasets(script, processor, 256, "sft")
+
+
+# --- the starter_v2 recipes (not run by make yet) --------------------------------------------------------------
+
+
+def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversations():
+    from medllava.modeling import VisionTraining
+    from train.configs import parse
+
+    v2 = REPO / "train" / "recipes" / "starter_v2"
+    stage1, _, model1 = parse("sft", ["--config", str(v2 / "stage1_align_tower.yaml")])
+    assert stage1.stage == "align" and stage1.image_size in (112, 168, 224) and not model1.use_peft
+    assert stage1.vision_training().trains
+    stage2, training2, model2 = parse("sft", ["--config", str(v2 / "stage2_instruct_lora_tower.yaml")])
+    assert model2.model_name_or_path == "outputs/starter_v2/stage1_align_tower" and model2.use_peft
+    assert stage2.vision_training().trains and training2.vision_lr
+    stage3, _, model3 = parse("sft", ["--config", str(v2 / "stage3_specialist_replay.yaml")])
+    assert model3.model_name_or_path == "outputs/starter_v2/stage2_instruct_lora_tower"
+    assert stage3.vision_training() == VisionTraining(stage3.vision_train_blocks, "lora")
+    assert [Path(f).name for f in stage3.mix_files] == ["captions_train.jsonl", "instruct_train.jsonl"]
+    assert stage3.image_size is None  # the side comes with stage 1's saved processor
+    # not in the starter chain (yet)
+    assert not any("starter_v2" in command for command in _make_dry_run("train-starter"))

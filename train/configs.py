@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-from medllava.modeling import LLM_LORA_TARGET_MODULES, PROJECTOR_MODULE, STAGES
+from medllava.modeling import (
+    LLM_LORA_TARGET_MODULES,
+    PROJECTOR_MODULE,
+    STAGES,
+    VISION_MODES,
+    VISION_MODULE,
+    VisionTraining,
+)
 
 # Values of `resume_from_checkpoint` that mean "start from scratch even if the output dir holds checkpoints".
 NO_RESUME = ("no", "false", "none", "never")
@@ -31,6 +38,20 @@ class ScriptArguments(trl.ScriptArguments):
     train_file: str | None = field(
         default=None,
         metadata={"help": "Training rows, schema JSONL (image paths relative to this file's directory)."},
+    )
+    mix_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More schema JSONL files whose rows are mixed into train_file's (e.g. caption and conversation "
+            "rows replayed in a VQA stage); each makes up its mix_fractions share of the training rows."
+        },
+    )
+    mix_fractions: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "One per mix file: its share of the mixed training rows (0 < f < 1, sum < 1; train_file's rows, "
+            "all of them, make up the rest). A file's first rows are taken, repeated if it has too few."
+        },
     )
     eval_file: str | None = field(default=None, metadata={"help": "Optional evaluation rows, schema JSONL."})
     image_root: str | None = field(
@@ -49,10 +70,33 @@ class ScriptArguments(trl.ScriptArguments):
         metadata={"help": "Curriculum stage; decides what trains.", "choices": sorted(STAGES)},
     )
     train_vision: bool = field(
-        default=False, metadata={"help": "Also train the vision tower (full fine-tuning)."}
+        default=False,
+        metadata={"help": "Also train the whole vision tower in full (the same as vision_train_blocks: -1)."},
+    )
+    vision_train_blocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train the vision tower's last K blocks among those that feed the features (0: frozen; -1: "
+            "all; default: the stage's, medllava.modeling.STAGES). Learning rate: vision_lr."
+        },
+    )
+    vision_train_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "'full': those blocks train in full (with use_peft: as PEFT modules_to_save); 'lora': LoRA "
+            "(lora_r, lora_alpha) on their attention and MLP linear layers. Default: the stage's.",
+            "choices": list(VISION_MODES),
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Read images at this side in px (a multiple of 14: 112, 168, 224) instead of the starting "
+            "model's: the processor is resized at load and saved with the model (DINOv2 towers only)."
+        },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows (quick runs)."}
+        default=None, metadata={"help": "Use only the first N rows of train_file (quick runs)."}
     )
     answer_suffix: bool = field(
         default=False,
@@ -98,6 +142,32 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(f"malloc_trim_gib must be > 0 GiB, got {self.malloc_trim_gib}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"image_size must be > 0 px, got {self.image_size}")
+        self.vision_training()
+        if len(self.mix_fractions) != len(self.mix_files):
+            raise ValueError(
+                f"mix_fractions has {len(self.mix_fractions)} value(s) for {len(self.mix_files)} mix_files: give "
+                "one share per file"
+            )
+        if not all(0 < f < 1 for f in self.mix_fractions) or sum(self.mix_fractions) >= 1:
+            raise ValueError(
+                f"mix_fractions {self.mix_fractions}: each must be between 0 and 1 and their sum below 1 (train_file's "
+                "rows are the rest)"
+            )
+
+    def vision_training(self) -> VisionTraining:
+        """How the vision tower trains: the stage's default (STAGES) with this recipe's overrides."""
+        default = STAGES[self.stage].vision
+        if self.train_vision:
+            if self.vision_train_blocks not in (None, -1) or self.vision_train_mode not in (None, "full"):
+                raise ValueError(
+                    "train_vision (the whole tower in full) contradicts vision_train_blocks="
+                    f"{self.vision_train_blocks}, vision_train_mode={self.vision_train_mode}: set only the latter"
+                )
+            return VisionTraining(-1, "full")
+        blocks = default.blocks if self.vision_train_blocks is None else self.vision_train_blocks
+        return VisionTraining(blocks, self.vision_train_mode or default.mode)
 
 
 @dataclass
@@ -158,14 +228,25 @@ class ModelConfig(trl.ModelConfig):
             )
 
 
-def projector_lr_field():
+# Per-part learning rates: the training config field and the module its parameters' names contain.
+PART_LR_FIELDS = {"projector_lr": PROJECTOR_MODULE, "vision_lr": VISION_MODULE}
+
+
+def part_lr_field(part: str):
     return field(
         default=None,
         metadata={
-            "help": "Learning rate of the projector's parameters (LLaVA's mm_projector_lr); default: learning_rate. "
-            "Same schedule as the other parameters."
+            "help": f"Learning rate of the {part}'s parameters; default: learning_rate. Same schedule as the "
+            "other parameters."
         },
     )
+
+
+def _check_part_lrs(args) -> None:
+    for name in PART_LR_FIELDS:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def _use_cpu_without_cuda(args) -> None:
@@ -176,6 +257,7 @@ def _use_cpu_without_cuda(args) -> None:
 
 
 def _check_common(args) -> None:
+    _check_part_lrs(args)
     if args.remove_unused_columns:
         raise ValueError("remove_unused_columns must be false: images and messages are read by the collator")
 
@@ -190,7 +272,8 @@ class SFTConfig(trl.SFTConfig):
         metadata={"help": "skip_prepare_dataset: the collator renders and tokenises each batch itself."},
     )
     report_to: None | str | list[str] = field(default="tensorboard")
-    projector_lr: float | None = projector_lr_field()
+    projector_lr: float | None = part_lr_field("projector (LLaVA's mm_projector_lr)")
+    vision_lr: float | None = part_lr_field("vision tower")
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)
@@ -215,7 +298,8 @@ class DPOConfig(trl.DPOConfig):
         default=False, metadata={"help": "Must stay false (images are loaded lazily)."}
     )
     report_to: None | str | list[str] = field(default="tensorboard")
-    projector_lr: float | None = projector_lr_field()
+    projector_lr: float | None = part_lr_field("projector (LLaVA's mm_projector_lr)")
+    vision_lr: float | None = part_lr_field("vision tower")
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)
@@ -230,7 +314,8 @@ class DPOConfig(trl.DPOConfig):
 @dataclass
 class GRPOConfig(trl.GRPOConfig):
     report_to: None | str | list[str] = field(default="tensorboard")
-    projector_lr: float | None = projector_lr_field()
+    projector_lr: float | None = part_lr_field("projector (LLaVA's mm_projector_lr)")
+    vision_lr: float | None = part_lr_field("vision tower")
 
     def __post_init__(self):
         _use_cpu_without_cuda(self)

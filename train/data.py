@@ -107,25 +107,12 @@ def lazy_images(dataset):
     return dataset.with_transform(_load_images_transform) if dataset is not None else None
 
 
-def get_dataset(
-    path,
-    processor,
-    script_args,
-    max_length: int | None,
-    kind: str,
-    load_images: bool = False,
-    length_column: str = "length",
-):
-    """(datasets.Dataset, report) of one schema JSONL file; `kind` is the row kind the algorithm needs.
-
-    SFT keeps image paths (the collator loads them) and gets each row's token length in `length_column` (the
-    Trainer's `length_column_name`); DPO/GRPO get PIL images through a lazy transform.
-    """
-    from datasets import Dataset
-
-    rows = load_rows(
-        path, script_args.image_root, script_args.max_train_samples, getattr(script_args, "allow_root", ())
-    )
+def read_rows_for(
+    path, processor, script_args, max_length: int | None, kind: str, limit: int | None
+) -> tuple[list[dict], list[int], dict]:
+    """(rows, their token lengths, report) of one schema JSONL file for an algorithm whose rows are `kind`:
+    checked, answer suffixes added if asked, over-long rows dropped and counted."""
+    rows = load_rows(path, script_args.image_root, limit, getattr(script_args, "allow_root", ()))
     if getattr(script_args, "answer_suffix", False):
         rows = [add_answer_suffix(row) for row in rows]
     kinds = Counter(row_kind(row) for row in rows)
@@ -137,6 +124,40 @@ def get_dataset(
     needs_lengths = kind == "sft" or max_length is not None
     lengths = [token_length(row, processor) for row in rows] if needs_lengths else [0] * len(rows)
     rows, dropped, lengths = drop_long_rows(rows, lengths, max_length, path)
+    return (
+        rows,
+        lengths,
+        {"file": str(path), "rows": len(rows) + dropped, "kept": len(rows), "dropped_too_long": dropped},
+    )
+
+
+def get_dataset(
+    path,
+    processor,
+    script_args,
+    max_length: int | None,
+    kind: str,
+    load_images: bool = False,
+    length_column: str = "length",
+    mixed: bool = False,
+):
+    """(datasets.Dataset, report) of one schema JSONL file; `kind` is the row kind the algorithm needs.
+
+    SFT keeps image paths (the collator loads them) and gets each row's token length in `length_column` (the
+    Trainer's `length_column_name`); DPO/GRPO get PIL images through a lazy transform. `mixed`: add the rows of
+    script_args.mix_files (mix_rows).
+    """
+    from datasets import Dataset
+
+    rows, lengths, report = read_rows_for(
+        path, processor, script_args, max_length, kind, script_args.max_train_samples
+    )
+    if mixed and getattr(script_args, "mix_files", None):
+        mix, mix_lengths, reports = mix_rows(script_args, processor, max_length, kind, len(rows))
+        rows, lengths, report = rows + mix, lengths + mix_lengths, {**report, "mixed": reports}
+        # every row gets every field (None where it has none): datasets takes its columns from the first row
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        rows = [{key: row.get(key) for key in keys} for row in rows]
     dataset = Dataset.from_list(rows)
     if kind == "sft":
         if length_column in dataset.column_names:
@@ -147,17 +168,48 @@ def get_dataset(
         dataset = dataset.add_column(length_column, lengths)
     if load_images:
         dataset = lazy_images(dataset)
-    report = {"file": str(path), "rows": len(rows) + dropped, "kept": len(rows), "dropped_too_long": dropped}
     logger.info("data %s", report)
     return dataset, report
+
+
+def mix_rows(
+    script_args, processor, max_length, kind: str, n_main: int
+) -> tuple[list[dict], list[int], list[dict]]:
+    """Rows of script_args.mix_files to add to `n_main` rows of train_file, each file its mix_fractions share of
+    the whole: round(f / (1 - sum of fractions) * n_main) rows, its first ones (files are shuffled when built),
+    repeated in order if the file has fewer. (rows, lengths, one report per file.)"""
+    rest = 1 - sum(script_args.mix_fractions)
+    rows, lengths, reports = [], [], []
+    for path, fraction in zip(script_args.mix_files, script_args.mix_fractions, strict=True):
+        want = max(1, round(fraction / rest * n_main))
+        file_rows, file_lengths, report = read_rows_for(path, processor, script_args, max_length, kind, want)
+        picked = [i % len(file_rows) for i in range(want)]
+        rows += [file_rows[i] for i in picked]
+        lengths += [file_lengths[i] for i in picked]
+        reports.append(
+            {**report, "fraction": fraction, "used": want, "passes": round(want / len(file_rows), 2)}
+        )
+        if want > len(file_rows):
+            logger.warning(
+                "%s: %d rows repeated to give %d (mix fraction %g)", path, len(file_rows), want, fraction
+            )
+    return rows, lengths, reports
 
 
 def get_datasets(
     script_args, processor, max_length, kind: str, load_images: bool = False, length_column: str = "length"
 ):
-    """(train dataset, eval dataset or None, report) from script_args.train_file and eval_file."""
+    """(train dataset, eval dataset or None, report) from script_args.train_file (with the rows of mix_files
+    mixed in, if any) and eval_file. The Trainer's sampler shuffles the mixed rows."""
     train, train_report = get_dataset(
-        script_args.train_file, processor, script_args, max_length, kind, load_images, length_column
+        script_args.train_file,
+        processor,
+        script_args,
+        max_length,
+        kind,
+        load_images,
+        length_column,
+        mixed=True,
     )
     report = {"train": train_report}
     evaluation = None

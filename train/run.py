@@ -1,5 +1,5 @@
 """The run around a TRL trainer, shared by sft.py, dpo.py and grpo.py: logging, the trainer class (TRL's with
-atomic checkpoints, strict resume and the projector's own learning rate), and train-then-save with resume."""
+atomic checkpoints, strict resume and per-part learning rates), and train-then-save with resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from medllava.modeling import count_trainable
 from train.checkpoints import CheckpointMixin, resume_checkpoint
-from train.models import ProjectorLRMixin
+from train.models import PartLRMixin
 from train.saving import save_final
 
 logger = logging.getLogger("medllava.train")
@@ -23,8 +23,8 @@ def setup_logging(training_args) -> None:
 
 
 def trainer_class(trl_trainer):
-    """`trl_trainer` (e.g. SFTTrainer) with CheckpointMixin and ProjectorLRMixin, created on demand."""
-    return type(f"Med{trl_trainer.__name__}", (CheckpointMixin, ProjectorLRMixin, trl_trainer), {})
+    """`trl_trainer` (e.g. SFTTrainer) with CheckpointMixin and PartLRMixin, created on demand."""
+    return type(f"Med{trl_trainer.__name__}", (CheckpointMixin, PartLRMixin, trl_trainer), {})
 
 
 def resident_bytes() -> int:
