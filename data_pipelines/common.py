@@ -393,7 +393,8 @@ def leakage_report(
 
 
 def write_leakage_report(splits: dict[str, list[dict]], out_dir: Path, max_distance: int) -> dict | None:
-    """Compare test (and validate) images with train images; write OUT/leakage.json and print a summary."""
+    """Compare test (and validate) images with train images; write OUT/leakage.json and print a summary.
+    A question counts once however many of its images (prior and current, say) are duplicates."""
     if "train" not in splits:
         return None
     train = {p for r in splits["train"] for p in r.get("images", [])}
@@ -403,6 +404,11 @@ def write_leakage_report(splits: dict[str, list[dict]], out_dir: Path, max_dista
             continue
         questions = Counter(p for r in splits[split] for p in r.get("images", []))
         result = leakage_report(train, dict(questions), max_distance, root=out_dir)
+        leaked = {pair["test_image"] for pair in result["pairs"]}
+        result["leaked_test_questions"] = sum(
+            any(os.path.relpath(resolve_image(p, out_dir), out_dir) in leaked for p in r.get("images", []))
+            for r in splits[split]
+        )
         report[split] = result
         print(
             f"leakage {split}: {result['leaked_test_images']} of {result['test_images']} {split} images are "
@@ -518,16 +524,18 @@ def converter_main(
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     convert_args: Callable[[argparse.Namespace], tuple] = lambda args: (),
     finish: Callable[[Any], dict[str, int] | None] = lambda n: {"records": n},
+    image_mode: str = "copy",
 ) -> int:
     """The command line of a converter that writes OUT/<split>.jsonl; returns the exit code.
 
     Parses the shared flags (add_converter_args) and those `add_args` adds, then runs
     convert(--input, --output, --images, *convert_args(args)) -> (splits, rejects, extra). A missing or malformed
     release prints "error: ..." and exits 2. `finish(extra)` prints any source-specific note and returns the
-    source counts for write_splits (by default `extra` is the number of source records).
+    source counts for write_splits (by default `extra` is the number of source records). `image_mode` is the
+    default of --images.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_converter_args(parser)
+    add_converter_args(parser, image_mode)
     if add_args is not None:
         add_args(parser)
     args = parser.parse_args(argv)

@@ -10,6 +10,10 @@ Every data source becomes JSON lines of this shape; training, evaluation and ser
 - `images`: paths relative to an image root (by default the JSONL file's own directory); one `{"type": "image"}`
   placeholder per image in the messages. Resolved (symlinks followed), a path must stay inside the image root,
   a folder its converter recorded beside it in `image_roots.json`, or a folder allowed explicitly.
+- `image_roles` (optional): what each image is, one entry per image in the order of `images` (and of the
+  placeholders): `{"role": "prior" | "current", "date": "YYYY-MM-DD", "label": "free text"}`, date and label
+  optional. The text the model reads about them is written by `medllava.image_roles` (e.g. "Image 1: prior
+  study (2025-03-01). Image 2: current study.") at the start of the user turn that holds the images.
 - Text never holds a chat control token (CONTROL_TOKENS) and every string encodes as UTF-8.
 - `messages`: an optional leading system turn, then user/assistant alternating, starting with user.
 - For VQA the question is the last user turn's text, the ground truth the last assistant turn's text.
@@ -35,6 +39,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from medllava.image_roles import ROLES as IMAGE_ROLES
+from medllava.image_roles import check_date
+
 ANSWER_TYPES = ("OPEN", "CLOSED", "CHOICE")
 OPEN, CLOSED, CHOICE = ANSWER_TYPES
 ROLES = ("system", "user", "assistant")
@@ -50,6 +57,8 @@ MAX_ROW_DEPTH = 32
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 # Beside a dataset: the folders outside it that its converter placed images in (see recorded_image_roots).
 IMAGE_ROOTS_FILE = "image_roots.json"
+# The keys of an `image_roles` entry (one entry per image): what the image is, when it was taken, a free label.
+IMAGE_ROLE_KEYS = ("role", "date", "label")
 
 
 class SchemaError(ValueError):
@@ -339,6 +348,47 @@ def image_path_problem(path: Any) -> str | None:
     return None
 
 
+def image_roles_problems(image_roles: Any, n_images: int) -> list[str]:
+    """Why a row's `image_roles` is not one entry per image ({"role": ..., "date": ..., "label": ...}, in the
+    order of `images`); [] when it is. Each reason starts with the field it is about."""
+    if not isinstance(image_roles, list):
+        return [f"image_roles: must be a list with one entry per image, got {type(image_roles).__name__}"]
+    problems = []
+    if len(image_roles) != n_images:
+        problems.append(
+            f"image_roles: {len(image_roles)} entr{'y' if len(image_roles) == 1 else 'ies'} for {n_images} "
+            "image(s) (one entry per image, in order)"
+        )
+    roles, keys = ", ".join(IMAGE_ROLES), ", ".join(IMAGE_ROLE_KEYS)
+    for i, entry in enumerate(image_roles):
+        where = f"image_roles[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be an object with keys {keys}, got {type(entry).__name__}")
+            continue
+        unknown = [_short(str(k), 40) for k in entry if k not in IMAGE_ROLE_KEYS]
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {keys})")
+        role = entry.get("role")
+        if "role" not in entry:
+            problems.append(f"{where}: missing 'role' (one of {roles})")
+        elif not isinstance(role, str) or role not in IMAGE_ROLES:
+            problems.append(f"{where}: role {_short(str(role), 40)} is not one of {roles}")
+        if "date" in entry:
+            try:
+                check_date(entry["date"])
+            except ValueError as e:
+                problems.append(f"{where}: {e} (leave 'date' out when it is not known)")
+        if "label" in entry:
+            label = entry["label"]
+            if not isinstance(label, str) or not label.strip():
+                problems.append(
+                    f"{where}: label must be a non-empty string (leave it out when there is none)"
+                )
+            elif text_problem(label):
+                problems.append(f"{where}: label: {text_problem(label)}")
+    return problems
+
+
 def validate_structure(row: Any) -> list[str]:
     """Everything that can be checked without touching the disk or a tokenizer."""
     if not isinstance(row, dict):
@@ -388,6 +438,8 @@ def validate_structure(row: Any) -> list[str]:
         problems.append(f"{n_images} image placeholder(s) in the messages but {len(images)} image(s) listed")
     if "answer_type" in row and row["answer_type"] not in ANSWER_TYPES:
         problems.append(f"answer_type: {row['answer_type']!r} is not one of {', '.join(ANSWER_TYPES)}")
+    if "image_roles" in row:
+        problems += image_roles_problems(row["image_roles"], len(images))
     return problems
 
 

@@ -1,13 +1,17 @@
-"""OpenAI-compatible HTTP API over `Engine.respond`: /v1/chat/completions (plain and streamed), /v1/models, /health.
+"""OpenAI-compatible HTTP API over `Engine.respond`: /v1/chat/completions (plain and streamed), /v1/audio/transcriptions,
+/v1/models, /health.
 
 Mounted beside the Gradio chat by `serve.app`; run with `python -m serve --model default`. A request is checked
 before any model work, cheapest check first: body bytes, JSON syntax (nesting depth, valid Unicode) and size,
 then its shape against typed pydantic models (unknown fields refused, ranges as field bounds), then message
 count, characters of text and images, then images (only `data:` URLs: a request can neither make the server
-fetch anything nor read its files; every image limit is checked by `load_image` from the header), and the prompt
-tokens last. Every refusal is a 4xx JSON error in OpenAI's shape {"error": {"message", "type", "param", "code"}},
-and so are unknown routes (404) and wrong methods (405). Requests then wait for a generation slot in arrival
-order (`FairQueue`); a request whose client has gone leaves the queue, or stops generating, at once.
+fetch anything nor read its files; every image limit is checked by `load_image` from the header) and volumes
+(the extension part `volume_url`: a NIfTI file or a zipped DICOM series, rendered as slices by `serve.inputs`;
+an image or volume may say its role and study date, which `medllava.image_roles` puts into the text), and the
+prompt tokens last. Every refusal is a 4xx JSON error in OpenAI's shape {"error": {"message", "type", "param",
+"code"}}, and so are unknown routes (404) and wrong methods (405). Requests then wait for a generation slot in
+arrival order (`FairQueue`); a request whose client has gone leaves the queue, or stops generating, at once.
+Transcriptions (OpenAI's multipart form) run `medllava.speech.transcribe` in a worker thread, one at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import re
 import reprlib
 import threading
@@ -29,7 +34,7 @@ from typing import Annotated, Any
 import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -42,8 +47,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from medllava.generation import SamplingParams
+from medllava.image_roles import ROLES, ImageInput, check_date, describe_images
 from medllava.processing import ImageLoadError, ImageTooLargeError, load_image
+from medllava.speech import MAX_AUDIO_BYTES, AudioError, AudioTooLargeError, transcribe
+from medllava.speech import MODELS as SPEECH_MODELS
+from medllava.volumes import AXES, CT_WINDOWS, VolumeError, VolumeTooLargeError
 from serve.engine import NOT_FOR_CLINICAL_USE, Busy, Cancelled, Engine, Limits, QueueTimeout
+from serve.inputs import MAX_VOLUME_BYTES, TooManyImages, open_volume, show_slices, volume_error_text
 
 NOTICE_HEADERS = {"X-MedLLaVA-Notice": "research use only; not for clinical use"}
 CREATED = int(time.time())
@@ -123,38 +133,114 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class ImageURL(_Strict):
+class _Study(_Strict):
+    """Extension fields saying what an image or volume is (see docs/inputs.md); OpenAI clients pass them through."""
+
+    role: str | None = None  # "prior" | "current"
+    date: str | None = None  # the study date, YYYY-MM-DD
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role):
+        if role is not None and role not in ROLES:
+            raise _custom(
+                "invalid_content", f"unknown image role {role!r} (use {' or '.join(map(repr, ROLES))})"
+            )
+        return role
+
+    @field_validator("date")
+    @classmethod
+    def _iso_date(cls, date):
+        if date is not None:
+            try:
+                check_date(date)
+            except ValueError as e:
+                raise _custom("invalid_content", str(e)) from None
+        return date
+
+
+class ImageURL(_Study):
     url: str
     detail: str | None = None  # "auto" | "low" | "high": accepted, the image is always resized the same way
+
+
+class VolumeURL(_Study):
+    """A CT/MRI volume (extension part `volume_url`): a NIfTI file or a zip of one DICOM series as a data: URL."""
+
+    url: str
+    n_slices: int | None = Field(None, ge=1)  # default: 8, or the images left under the server's limit
+    axis: str | None = None  # axial (default), coronal, sagittal
+    windows: list[str | Annotated[list[float], Field(min_length=2, max_length=2)]] | None = Field(
+        None, min_length=1, max_length=3
+    )  # CT only: 1 (gray) or 3 (RGB) of CT_WINDOWS names or [level, width] pairs; default lung, soft tissue, bone
+    modality: str | None = None  # "CT" or "MR": overrides the DICOM tag or the NIfTI guess
+
+    @field_validator("axis")
+    @classmethod
+    def _known_axis(cls, axis):
+        if axis is not None and axis not in AXES:
+            raise _custom("invalid_content", f"unknown axis {axis!r} (use {', '.join(AXES)})")
+        return axis
+
+    @field_validator("windows")
+    @classmethod
+    def _known_windows(cls, windows):
+        if windows is None:
+            return windows
+        if len(windows) == 2:
+            raise _custom("invalid_content", "give 1 window (gray) or 3 windows (red, green, blue), not 2")
+        for window in windows:
+            if isinstance(window, str) and window not in CT_WINDOWS:
+                raise _custom(
+                    "invalid_content",
+                    f"unknown window {window!r} (use {', '.join(CT_WINDOWS)} or [level, width] in HU)",
+                )
+            if not isinstance(window, str) and not window[1] > 0:
+                raise _custom("invalid_content", f"a window's width must be positive, got {window[1]}")
+        return windows
+
+    @field_validator("modality")
+    @classmethod
+    def _known_modality(cls, modality):
+        if modality is not None and modality.upper() not in ("CT", "MR", "MRI"):
+            raise _custom("invalid_content", f"modality must be 'CT' or 'MR', got {modality!r:.20}")
+        return modality
+
+
+_PART_TYPES = ("text", "image_url", "volume_url")
 
 
 class ContentPart(_Strict):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    volume_url: VolumeURL | None = None
 
     @field_validator("type")
     @classmethod
     def _known_type(cls, kind: str) -> str:
-        if kind not in ("text", "image_url"):
+        if kind not in _PART_TYPES:
             raise _custom(
-                "unsupported_content", f"unsupported content part type {kind!r} (use 'text' or 'image_url')"
+                "unsupported_content",
+                f"unsupported content part type {kind!r} (use 'text', 'image_url' or 'volume_url')",
             )
         return kind
 
-    @field_validator("image_url", mode="before")
+    @field_validator("image_url", "volume_url", mode="before")
     @classmethod
     def _url_string(cls, value):
         return {"url": value} if isinstance(value, str) else value  # a bare URL string, as some clients send
 
     @model_validator(mode="after")
     def _fields_of_its_type(self):
-        if self.type == "text" and (self.text is None or self.image_url is not None):
-            raise _custom("invalid_content", "a text part needs a string 'text' (and no 'image_url')")
-        if self.type == "image_url" and (self.image_url is None or self.text is not None):
-            raise _custom(
-                "invalid_content", "an image_url part needs 'image_url': {'url': ...} (and no 'text')"
-            )
+        present = [name for name in _PART_TYPES if getattr(self, name) is not None]
+        if present != [self.type]:
+            if self.type == "text":
+                message = "a text part needs a string 'text' (and no 'image_url' or 'volume_url')"
+            else:
+                article = "an" if self.type == "image_url" else "a"
+                message = f"{article} {self.type} part needs '{self.type}': {{'url': ...}} (and nothing else)"
+            raise _custom("invalid_content", message)
         return self
 
 
@@ -353,28 +439,41 @@ def validation_error(error: ValidationError, model: type[BaseModel], body: dict)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def decode_image_url(url: str, where: str, engine: Engine):
-    """A `data:` URL -> RGB image through `load_image` (PNG, JPEG, DICOM, NIfTI, ...); anything else is refused."""
+def _data_url(url: str, where: str, kind: str) -> tuple[str, str]:
+    """(media type, base64 payload) of a `data:` URL; anything else (http, file paths) is refused."""
     if not url:
-        raise APIError(400, f"{where}: 'image_url.url' must be a non-empty string", param=where)
+        raise APIError(400, f"{where}: '{kind}.url' must be a non-empty string", param=where)
     match = _DATA_URL.match(url)
     if match is None:
         scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else "a file path"
+        example = "data:image/png;base64" if kind == "image_url" else "data:application/zip;base64"
         raise APIError(
             400,
             f"{where}: only data: URLs are accepted (got {scheme[:20]}); the server never fetches "
-            "URLs or reads its own files. Send the image inline: data:image/png;base64,<base64 bytes>",
+            f"URLs or reads its own files. Send the {kind[:-4]} inline: {example},<base64 bytes>",
             param=where,
-            code="image_url_not_allowed",
+            code=f"{kind}_not_allowed",
         )
     if ";base64" not in match["params"].lower():
         raise APIError(
             400,
             f"{where}: the data: URL must be base64-encoded (data:<type>;base64,...)",
             param=where,
-            code="invalid_image",
+            code="invalid_image" if kind == "image_url" else "invalid_volume",
         )
-    payload = url[match.end() :]
+    return match["mime"].lower(), url[match.end() :]
+
+
+def _b64decode(payload: str, where: str, code: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: the data: URL is not valid base64", param=where, code=code) from None
+
+
+def decode_image_url(url: str, where: str, engine: Engine):
+    """A `data:` URL -> RGB image through `load_image` (PNG, JPEG, DICOM, NIfTI, ...); anything else is refused."""
+    mime, payload = _data_url(url, where, "image_url")
     limits = engine.limits
     if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
         raise APIError(
@@ -384,12 +483,7 @@ def decode_image_url(url: str, where: str, engine: Engine):
             param=where,
             code="image_too_large",
         )
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(
-            400, f"{where}: the data: URL is not valid base64", param=where, code="invalid_image"
-        ) from None
+    data = _b64decode(payload, where, "invalid_image")
     if len(data) > limits.max_image_bytes:
         raise APIError(
             400,
@@ -397,7 +491,14 @@ def decode_image_url(url: str, where: str, engine: Engine):
             param=where,
             code="image_too_large",
         )
-    mime = match["mime"].lower()
+    if data[:4] == b"PK\x03\x04":
+        raise APIError(
+            400,
+            f"{where}: a zip is not an image; send a DICOM series (zipped) or a NIfTI volume as a "
+            "'volume_url' part (see docs/inputs.md)",
+            param=where,
+            code="invalid_image",
+        )
     source = io.BytesIO(data)
     # load_image sniffs the format from the bytes; the media type only helps files without a magic number.
     source.name = where + (".dcm" if "dicom" in mime else ".nii" if "nifti" in mime else "")
@@ -412,23 +513,109 @@ def decode_image_url(url: str, where: str, engine: Engine):
         raise APIError(400, f"cannot read the image: {e}", param=where, code="invalid_image") from None
 
 
+def decode_volume_url(spec: VolumeURL, where: str, engine: Engine, images_before: int):
+    """A `volume_url` part -> `VolumeSlices` (a NIfTI file or a zip of one DICOM series, as a data: URL).
+
+    Over a size limit (bytes, slices, voxels, pixels per slice; all checked from the headers) is a 413
+    `volume_too_large`; an unreadable or inconsistent volume a 400 `invalid_volume`."""
+    mime, payload = _data_url(spec.url, where, "volume_url")
+    if len(payload) * 3 // 4 > MAX_VOLUME_BYTES + 3:
+        raise APIError(
+            413,
+            f"{where}: the volume is about {len(payload) * 3 // 4 / 2**20:.3g} MiB; the limit is "
+            f"{MAX_VOLUME_BYTES / 2**20:.3g} MiB",
+            param=where,
+            code="volume_too_large",
+        )
+    data = _b64decode(payload, where, "invalid_volume")
+    name = where + (".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii" if "nifti" in mime else "")
+    try:
+        volume = open_volume(data, name, engine.limits, modality=spec.modality)
+        return show_slices(
+            volume,
+            engine.limits,
+            images_before,
+            n_slices=spec.n_slices,
+            axis=spec.axis or "axial",
+            windows=spec.windows,
+        )
+    except TooManyImages as e:
+        raise APIError(400, f"{where}: {e}", param=where, code="too_many_images") from None
+    except VolumeTooLargeError as e:
+        raise APIError(413, f"volume too large: {e}", param=where, code="volume_too_large") from None
+    except VolumeError as e:
+        raise APIError(
+            400, f"cannot read the volume: {volume_error_text(e)}", param=where, code="invalid_volume"
+        ) from None
+
+
+@dataclass
+class _Upload:
+    """One image_url or volume_url part of a request, until it is decoded."""
+
+    where: str
+    study: ImageURL | VolumeURL
+    volume: bool
+    images: list = field(default_factory=list)
+    description: ImageInput | None = None
+
+
+def _join_turns(messages: list[dict], role: str, parts: list[dict]) -> None:
+    """Append a turn; consecutive turns of one role are joined, as OpenAI allows them."""
+    if messages and messages[-1]["role"] == role:
+        previous = messages[-1]["content"]
+        if previous and parts and previous[-1]["type"] == parts[0]["type"] == "text":
+            parts[0] = {"type": "text", "text": previous.pop()["text"] + "\n\n" + parts[0]["text"]}
+        previous.extend(parts)
+    else:
+        messages.append({"role": role, "content": parts})
+
+
+def _with_roles(parts: list, uploads: list[_Upload], first: int) -> list[dict]:
+    """A message's parts with its uploads expanded into image placeholders (a volume: one per slice) and, when an
+    upload has a role, a date or is a volume, the line of `medllava.image_roles` at the start of the first text
+    after the last image (a text part of its own when there is none)."""
+    line = describe_images([u.description for u in uploads], first)
+    out, last_image = [], -1
+    for part in parts:
+        if isinstance(part, int):
+            out += [{"type": "image"} for _ in uploads[part].images]
+            last_image = len(out) - 1
+        else:
+            out.append(dict(part))
+    if line:
+        after = next((k for k in range(last_image + 1, len(out)) if out[k]["type"] == "text"), None)
+        if after is None:
+            out.insert(last_image + 1, {"type": "text", "text": line})
+        else:
+            out[after] = {"type": "text", "text": f"{line}\n{out[after]['text']}"}
+    return out
+
+
 def parse_messages(raw: list[Message], engine: Engine) -> tuple[list, list[dict]]:
     """Typed OpenAI messages -> (images, schema messages): optional leading system turn, then user/assistant turns
     alternating and ending with a user turn. Consecutive turns of one role are joined, as OpenAI allows them.
 
-    Everything cheap (order of roles, counts, characters of text) is checked before any image is decoded."""
-    messages: list[dict] = []
-    urls: list[tuple[str, str]] = []  # (url, where) of each image, in order
+    A `volume_url` part becomes its rendered slices; an upload with a role or a date, and every volume, is
+    described in the text (`medllava.image_roles`). Everything cheap (order of roles, counts, characters of text)
+    is checked before any image or volume is decoded."""
+    limits = engine.limits
+    turns: list[
+        tuple[str, list]
+    ] = []  # (role, parts): text parts as dicts, uploads as indices into `uploads`
+    uploads: list[_Upload] = []
+    in_message: list[list[int]] = []  # the uploads of each turn
+    least = 0  # images the request needs at the least (a volume: its n_slices, or 1)
     for i, message in enumerate(raw):
         role = "system" if message.role == "developer" else message.role
-        if role == "system" and any(m["role"] != "system" for m in messages):
+        if role == "system" and any(r != "system" for r, _ in turns):
             raise APIError(
                 400,
                 f"messages[{i}]: a system message is only accepted before the first user message",
                 param=f"messages[{i}].role",
                 code="invalid_role",
             )
-        if role == "assistant" and (not messages or messages[-1]["role"] == "system"):
+        if role == "assistant" and (not turns or turns[-1][0] == "system"):
             raise APIError(
                 400,
                 f"messages[{i}]: the conversation must start with a user message (after an "
@@ -436,7 +623,7 @@ def parse_messages(raw: list[Message], engine: Engine) -> tuple[list, list[dict]
                 param=f"messages[{i}].role",
                 code="invalid_role",
             )
-        parts = []
+        parts, mine = [], []
         for j, part in enumerate(message.content):
             here = f"messages[{i}].content[{j}]"
             if part.type == "text":
@@ -446,30 +633,36 @@ def parse_messages(raw: list[Message], engine: Engine) -> tuple[list, list[dict]
                 raise APIError(
                     400, f"{here}: images are only accepted in user messages, not {role}", param=here
                 )
-            if len(urls) >= engine.limits.max_images:
+            volume = part.type == "volume_url"
+            least += (part.volume_url.n_slices or 1) if volume else 1
+            if least > limits.max_images:
                 raise APIError(
                     400,
-                    f"{here}: more than {engine.limits.max_images} images in the request",
+                    f"{here}: more than {limits.max_images} images in the request"
+                    + (
+                        " (a volume's slices count as images)"
+                        if any(u.volume for u in uploads) or volume
+                        else ""
+                    ),
                     param=here,
                     code="too_many_images",
                 )
-            urls.append((part.image_url.url, here))
-            parts.append({"type": "image"})
-        if messages and messages[-1]["role"] == role:
-            previous = messages[-1]["content"]
-            if previous and parts and previous[-1]["type"] == parts[0]["type"] == "text":
-                parts[0] = {"type": "text", "text": previous.pop()["text"] + "\n\n" + parts[0]["text"]}
-            previous.extend(parts)
-        else:
-            messages.append({"role": role, "content": parts})
-    if messages[-1]["role"] != "user":
+            mine.append(len(uploads))
+            parts.append(len(uploads))
+            uploads.append(_Upload(here, part.volume_url if volume else part.image_url, volume))
+        turns.append((role, parts))
+        in_message.append(mine)
+    if turns[-1][0] != "user":
         raise APIError(400, "the last message must be a user message", param="messages", code="invalid_role")
+    text_only: list[dict] = []
+    for role, parts in turns:
+        _join_turns(text_only, role, [p for p in parts if not isinstance(p, int)])
     try:
-        engine.check_text(messages)  # characters, before anything is tokenised
+        engine.check_text(text_only)  # characters, before anything is tokenised
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     image_token = engine.image_token.lower()
-    for i, message in enumerate(messages):
+    for i, message in enumerate(text_only):
         for part in message["content"]:
             if part["type"] == "text" and image_token in part["text"].lower():
                 raise APIError(
@@ -478,7 +671,30 @@ def parse_messages(raw: list[Message], engine: Engine) -> tuple[list, list[dict]
                     "send images as image_url parts",
                     param=f"messages[{i}].content",
                 )
-    images = [decode_image_url(url, where, engine) for url, where in urls]
+
+    # Decode, in order: a volume without n_slices gets the room the images before it (and the least the uploads
+    # after it need) leave.
+    n_images = 0
+    for k, upload in enumerate(uploads):
+        if upload.volume:
+            after = sum((u.study.n_slices or 1) if u.volume else 1 for u in uploads[k + 1 :])
+            shown = decode_volume_url(upload.study, upload.where, engine, n_images + after)
+            upload.images = shown.images
+            upload.description = ImageInput.from_volume(shown, upload.study.role, upload.study.date)
+        else:
+            upload.images = [decode_image_url(upload.study.url, upload.where, engine)]
+            upload.description = ImageInput(role=upload.study.role, date=upload.study.date)
+        n_images += len(upload.images)
+
+    messages: list[dict] = []
+    images: list = []
+    for (role, parts), mine in zip(turns, in_message, strict=True):
+        local = {index: k for k, index in enumerate(mine)}
+        message_uploads = [uploads[index] for index in mine]
+        parts = [local[p] if isinstance(p, int) else p for p in parts]
+        _join_turns(messages, role, _with_roles(parts, message_uploads, len(images) + 1))
+        for upload in message_uploads:
+            images += upload.images
     return images, messages
 
 
@@ -697,6 +913,193 @@ async def _read_json(request: Request, limits: Limits, max_values: int):
         raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Speech to text: POST /v1/audio/transcriptions (OpenAI's multipart form)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Model names a client may send: OpenAI's, so unmodified clients work, and the packaged models by name.
+SPEECH_ALIASES = {"whisper-1": "base", **{name: name for name in SPEECH_MODELS}}
+_AUDIO_FORMATS = ("json", "text", "verbose_json")
+_AUDIO_FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature")
+_MAX_PROMPT_CHARS = 1000  # Whisper reads at most 224 prompt tokens
+_FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields, beside the audio file
+_MAX_SPEECH_WAITING = 4
+
+
+@dataclass
+class TranscriptionRequest:
+    audio: bytes
+    model: str  # a key of medllava.speech.MODELS
+    language: str | None = None
+    prompt: str | None = None
+    response_format: str = "json"
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """The body, refused with a 413 as soon as it is known to be over `limit` bytes (header, then streaming)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(
+            413,
+            f"request body is {int(declared) / 2**20:.1f} MiB; the limit for {what} is {limit / 2**20:.0f} MiB",
+            code="request_too_large",
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise APIError(
+                413,
+                f"request body is over the {limit / 2**20:.0f} MiB limit for {what}",
+                code="request_too_large",
+            )
+    return bytes(body)
+
+
+async def read_transcription_request(request: Request) -> TranscriptionRequest:
+    """Check a transcription form, cheapest first: bytes, form syntax, fields; the audio is decoded later."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise APIError(
+            400,
+            "send the audio as multipart/form-data with a 'file' field and a 'model' field (as OpenAI's "
+            "/v1/audio/transcriptions)",
+            code="invalid_request",
+        )
+    body = await _read_body(request, MAX_AUDIO_BYTES + _FORM_OVERHEAD, "audio")
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    from starlette.exceptions import HTTPException
+
+    try:
+        form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=len(_AUDIO_FIELDS))
+    except HTTPException as e:
+        raise APIError(
+            400, f"the multipart form cannot be read: {e.detail}", code="invalid_request"
+        ) from None
+    try:
+        return await _transcription_fields(form)
+    finally:
+        await form.close()  # the uploaded file's spooled copy
+
+
+async def _transcription_fields(form) -> TranscriptionRequest:
+    for key in form.keys():
+        if key not in _AUDIO_FIELDS:
+            raise APIError(
+                400,
+                f"unrecognised request argument '{key[:60]}'",
+                param=key[:60],
+                code="unsupported_parameter",
+            )
+        if len(form.getlist(key)) > 1:
+            raise APIError(400, f"'{key}' is given more than once", param=key)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "'file' is required: the audio, as a file field of the form", param="file")
+    fields = {}
+    for key in _AUDIO_FIELDS[1:]:
+        value = form.get(key)
+        if value is not None and not isinstance(value, str):
+            raise APIError(400, f"'{key}' must be a text field, not a file", param=key)
+        fields[key] = value
+    model = fields["model"]
+    if not model:
+        raise APIError(400, "'model' is required (e.g. 'whisper-1')", param="model")
+    if model not in SPEECH_ALIASES:
+        raise APIError(
+            404,
+            f"speech model {_shown(model)} is not served here; use one of {', '.join(SPEECH_ALIASES)}",
+            param="model",
+            code="model_not_found",
+            type="not_found_error",
+        )
+    model = SPEECH_ALIASES[model]
+    language = fields["language"] or None
+    if language is not None:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        if language not in _LANGUAGE_CODES:
+            raise APIError(
+                400,
+                f"'language' must be an ISO-639-1 code such as 'en', got {_shown(language)}",
+                param="language",
+            )
+        if model.endswith(".en") and language != "en":
+            raise APIError(
+                400, f"the speech model '{model}' is English-only; got language '{language}'", "language"
+            )
+    prompt = fields["prompt"] or None
+    if prompt is not None and len(prompt) > _MAX_PROMPT_CHARS:
+        raise APIError(
+            400, f"'prompt' is {len(prompt):,} characters; the limit is {_MAX_PROMPT_CHARS}", "prompt"
+        )
+    response_format = fields["response_format"] or "json"
+    if response_format not in _AUDIO_FORMATS:
+        raise APIError(
+            400,
+            f"'response_format' must be one of {', '.join(_AUDIO_FORMATS)}, got {_shown(response_format)}",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    temperature = fields["temperature"]
+    if temperature is not None:
+        try:
+            neutral = float(temperature) == 0
+        except ValueError:
+            neutral = False
+        if not neutral:
+            raise APIError(
+                400,
+                "only 'temperature' 0 is supported (beam search, deterministic)",
+                param="temperature",
+                code="unsupported_parameter",
+            )
+    audio = await upload.read(MAX_AUDIO_BYTES + 1)
+    if len(audio) > MAX_AUDIO_BYTES:
+        raise APIError(
+            413,
+            f"the audio file is over the {MAX_AUDIO_BYTES / 2**20:.0f} MiB limit",
+            "file",
+            "audio_too_large",
+        )
+    return TranscriptionRequest(audio, model, language, prompt, response_format)
+
+
+def run_transcription(request: TranscriptionRequest) -> dict:
+    """`medllava.speech.transcribe` (CPU-bound: called in a worker thread); audio errors as 4xx."""
+    try:
+        return transcribe(
+            request.audio, model=request.model, language=request.language, prompt=request.prompt, name="file"
+        )
+    except AudioTooLargeError as e:
+        raise APIError(413, str(e), param="file", code="audio_too_large") from None
+    except AudioError as e:
+        raise APIError(400, str(e), param="file", code="invalid_audio") from None
+    except FileNotFoundError as e:  # a speech model's package is not installed
+        raise APIError(503, f"the speech model is not available: {e}", type="server_error") from None
+
+
+def transcription_response(result: dict, response_format: str):
+    if response_format == "text":
+        return PlainTextResponse(result["text"] + "\n", headers=NOTICE_HEADERS)
+    usage = {"type": "duration", "seconds": math.ceil(result["duration_s"])}
+    if response_format == "json":
+        return JSONResponse({"text": result["text"], "usage": usage}, headers=NOTICE_HEADERS)
+    return JSONResponse(
+        {
+            "task": "transcribe",
+            "language": result["language"],
+            "duration": result["duration_s"],
+            "text": result["text"],
+            "segments": result["segments"],
+            "usage": usage,
+        },
+        headers=NOTICE_HEADERS,
+    )
+
+
 def model_card(engine: Engine) -> dict:
     return {
         "id": engine.model_id,
@@ -787,6 +1190,38 @@ def api_router(engine: Engine) -> APIRouter:
             ticket.close()
         return JSONResponse(result, headers=NOTICE_HEADERS)
 
+    # One transcription at a time (it uses the CPU cores generation also needs); a few more may wait, each holding
+    # its audio (at most 25 MiB) in memory.
+    speech = {"limiter": None, "pending": 0}
+
+    @router.post("/v1/audio/transcriptions")
+    async def audio_transcriptions(request: Request):
+        import anyio
+
+        if speech["pending"] >= 1 + _MAX_SPEECH_WAITING:
+            return error_response(
+                APIError(
+                    429,
+                    f"the server is busy: {speech['pending']} transcription(s) running or waiting; retry shortly",
+                    code="server_busy",
+                    type="rate_limit_error",
+                )
+            )
+        speech["pending"] += 1
+        try:
+            form = await read_transcription_request(request)
+            speech["limiter"] = speech["limiter"] or anyio.CapacityLimiter(1)
+            result = await anyio.to_thread.run_sync(run_transcription, form, limiter=speech["limiter"])
+        except APIError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001 - a failed transcription is a 500 for this request only
+            return error_response(
+                APIError(500, f"transcription failed: {type(e).__name__}: {e}", type="server_error")
+            )
+        finally:
+            speech["pending"] -= 1
+        return transcription_response(result, form.response_format)
+
     # Any other method on these routes is a 405 and any other path under /v1 a 404, in OpenAI's shape (registered
     # after the routes above; without them the Gradio app mounted at / would answer {"detail": "Not Found"}).
     allowed = {
@@ -794,6 +1229,7 @@ def api_router(engine: Engine) -> APIRouter:
         "/v1/models": ("GET", "HEAD"),
         "/v1/models/{model_id:path}": ("GET", "HEAD"),
         "/v1/chat/completions": ("POST",),
+        "/v1/audio/transcriptions": ("POST",),
     }
     for path, methods in allowed.items():
         router.add_api_route(
@@ -809,7 +1245,7 @@ def api_router(engine: Engine) -> APIRouter:
             APIError(
                 404,
                 f"no route {request.method} /v1/{path[:100]}; this server offers "
-                "POST /v1/chat/completions and GET /v1/models",
+                "POST /v1/chat/completions, POST /v1/audio/transcriptions and GET /v1/models",
                 code="unknown_route",
                 type="not_found_error",
             )

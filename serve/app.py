@@ -19,9 +19,11 @@ import gradio as gr
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
+from medllava.speech import MAX_AUDIO_BYTES
 from serve.api import APIError, api_router, error_response
 from serve.chat import build_chat
 from serve.engine import NOT_FOR_CLINICAL_USE, Engine
+from serve.inputs import MAX_VOLUME_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_QUESTIONS = {
@@ -125,7 +127,8 @@ def build_app(engine: Engine, examples: list[dict] | None = None, url: str | Non
         footer_links=["api", "gradio", "settings"],
         run_history=False,
         ssr_mode=False,
-        max_file_size=engine.limits.max_image_bytes,
+        # the largest upload: an image, a volume (checked again as a whole) or a recorded question
+        max_file_size=max(engine.limits.max_image_bytes, MAX_VOLUME_BYTES, MAX_AUDIO_BYTES),
         show_error=True,
     )
     return app

@@ -2,7 +2,8 @@
 
 Run with `make test-browser` (marker `browser`). Playwright's own browser download does not work offline, so the
 set-up installs Debian's `chromium` with apt-get when /usr/bin/chromium is missing. Screenshots of the end and the start of
-the conversation are written to outputs/browser/chat.png and chat-start.png.
+the conversation are written to outputs/browser/chat.png and chat-start.png; the prior/current and volume
+conversation to outputs/browser/chat-inputs.png.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def chromium() -> str:
 def live(tiny_model_dir):
     from test_serve import start_server
 
-    engine = Engine.load(tiny_model_dir, limits=Limits(concurrency=1, max_new_tokens=256))
+    engine = Engine.load(tiny_model_dir, limits=Limits(concurrency=1, max_new_tokens=256, max_images=12))
     server, thread, url = start_server(build_app(engine, find_examples()))
     yield url, engine
     server.should_exit = True
@@ -159,4 +160,95 @@ def test_chat_in_headless_chromium(chromium, live, tmp_path):
         page.eval_on_selector("#chatbot [role=log]", "log => { log.scrollTop = 0; }")
         time.sleep(0.3)
         page.screenshot(path=str(SCREENSHOT.with_name("chat-start.png")), full_page=True)  # and its start
+        browser.close()
+
+
+def _ct_nifti(path: Path) -> None:
+    """A small CT-like volume (air around a body whose brightness grows along z) as .nii.gz."""
+    import nibabel as nib
+    import numpy as np
+
+    w = np.full((16, 20, 10), -1000, dtype=np.int16)  # x, y, z
+    for z in range(10):
+        w[2:14, 3:17, z] = 20 + 15 * z
+    nib.save(nib.Nifti1Image(w, np.diag([-0.8, -0.8, 2.5, 1.0])), path)
+
+
+def _open(page, elem_id: str) -> None:
+    page.click(f"#{elem_id} button, #{elem_id} .label-wrap")
+
+
+def test_prior_current_and_volume_uploads_in_headless_chromium(chromium, live, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, engine = live
+    prior, current, volume = tmp_path / "scan-a.png", tmp_path / "scan-b.png", tmp_path / "series.nii.gz"
+    random_image(5, (96, 80)).save(prior)
+    random_image(6, (96, 80)).save(current)
+    _ct_nifti(volume)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(url + "/")
+        page.wait_for_selector("#question textarea", timeout=30_000)
+        assert "not for clinical use" in page.inner_text("#notice").lower()
+        _open(page, "sampling")
+        _set_number(page, "temperature", 1.0)
+        _set_number(page, "seed", 3)
+        _set_number(page, "max-new-tokens", 24)
+
+        # Turn 1: a prior and a current study in their slots, with the prior's date.
+        _open(page, "studies")
+        page.set_input_files("#prior-files input[type=file]", str(prior))
+        page.set_input_files("#current-files input[type=file]", str(current))
+        page.locator("#prior-date input, #prior-date textarea").first.fill("2025-03-01")
+        page.wait_for_function(
+            "() => ['#prior-files', '#current-files'].every(id => document.querySelector(id).innerText.includes('scan-'))",
+            timeout=15_000,
+        )
+        page.fill("#question textarea", "Has the lesion grown?")
+        page.press("#question textarea", "Enter")
+        _wait_idle(page, engine, 1)
+        user = "\n".join(page.locator("#chatbot [data-testid='user']").all_inner_texts())
+        assert "Image 1: prior study (2025-03-01). Image 2: current study." in user
+        assert "Has the lesion grown?" in user
+        assert page.locator("#chatbot [data-testid='user'] img").count() >= 2  # both previews
+        info = page.inner_text("#image-info")
+        assert "Images the answers are about" in info and "Image 1: prior study (2025-03-01)" in info
+        page.wait_for_function("() => !document.querySelector('#prior-files').innerText.includes('scan-')")
+
+        # Turn 2: a NIfTI volume in the question box: its slices, a slice scroller and a CT window choice.
+        page.set_input_files("#question input[type=file]", str(volume))
+        page.wait_for_selector("#question img, #question .thumbnail-item", timeout=15_000)
+        page.fill("#question textarea", "On how many slices is it visible?")
+        page.press("#question textarea", "Enter")
+        _wait_idle(page, engine, 2)
+        user = "\n".join(page.locator("#chatbot [data-testid='user']").all_inner_texts())
+        assert "Images 3-10: CT volume in lung, soft tissue and bone windows" in user
+        assert "Slices (axial, inferior to superior, mm from the first): 0, " in user
+        info = page.inner_text("#image-info")
+        assert "NIfTI" in info and "10 axial slices" in info
+        page.wait_for_selector("#slice-scroller", state="visible", timeout=15_000)
+        scroller = page.locator("#slice-scroller input[type=number]")
+        scroller.fill("2")
+        scroller.press("Tab")  # leaving the number box releases the slider
+        page.wait_for_function(
+            "() => document.querySelector('#image-info').innerText.includes('Showing slice 2 of 10')",
+            timeout=15_000,
+        )
+        window = page.locator("#preview-window input")
+        window.click()
+        window.fill("bone")
+        window.press("Enter")
+        page.wait_for_function(
+            "() => document.querySelector('#image-info').innerText.includes('bone (W1800/L400)')",
+            timeout=15_000,
+        )
+        assert page.locator("#preview img").count() == 1
+        content = page.content()
+        for secret in ("scan-a", "scan-b", "series.nii"):  # file names are never shown once sent
+            assert secret not in content
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT.with_name("chat-inputs.png")), full_page=True)
         browser.close()
