@@ -43,6 +43,10 @@ train-stage2: ## stage 2 (instruct: LoRA on the LLM + projector) on medsynth con
 	$(call train_run,train/sft.py,stage2_instruct_lora,stage1_align)
 
 # Stage 3 trains on the VQA rows merged per image (all of an image's questions, up to 16, in one conversation).
+# The medsynth files come from `make data`; without them a stage says so (and `make -n` still shows the chain).
+$(MEDSYNTH)/vqa_train.jsonl:
+	@echo "no $@: run 'make data' first"; exit 1
+
 $(MEDSYNTH)/vqa_train_g16.jsonl: $(MEDSYNTH)/vqa_train.jsonl
 	$(PY) -m data_pipelines.group_turns --input $< --output $@ --max-turns 16 --seed 0
 
