@@ -9,6 +9,10 @@ Every metric comes from the registry in `medllava.metrics` (LLaVA-Med-compatible
 averaged over the questions of the answer types it applies to, overall and per question type and modality,
 with seeded bootstrap 95% confidence intervals. Writes DIR/metrics.json, DIR/metrics.md (also printed) and
 DIR/metrics.png. Several runs are put side by side.
+
+`--protocol NAME[,NAME...]` (or `all`) also scores each run the way another harness does (eval.protocols: ours,
+llava_med, medevalkit, lmms_eval, vlmevalkit, medgemma; the dataset variant is taken from each row's `source`):
+closed / open / overall per protocol, each harness's own split, in metrics.json and a table of metrics.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from eval.protocols import PROTOCOLS, get_protocols, notes_of, score_protocol, split_values
 from medllava.metrics import ACCURACY_METRIC, ANSWER_TYPE_METRICS, LABELS, infer_answer_type, score
 from medllava.schema import SchemaError, read_jsonl, write_json
 
@@ -49,12 +54,23 @@ BREAKDOWNS = ("question_type", "modality")
 def read_predictions(paths: list[Path]) -> tuple[list[dict], dict]:
     """Prediction rows of one run (one or more files) and counts of what needed attention."""
     rows, seen, notes = [], {}, Counter()
+    kinds = {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array"}
     for path in paths:
         for line_no, row in read_jsonl(path):
             where = f"{path}:{line_no}"
             missing = [k for k in ("id", "answer", "prediction") if k not in row]
             if missing:
                 raise SchemaError(f"{where}: prediction row without {', '.join(missing)}")
+            # Text fields must be strings (the optional ones may be null): a null prediction or a numeric answer
+            # is a broken file, not something to score.
+            optional = ("answer_type", "question_type", "modality", "source", "question")
+            wrong = [
+                f"{k!r} must be a string, got {kinds.get(type(row[k]), 'object')}"
+                for k in ("id", "answer", "prediction", *optional)
+                if k in row and not isinstance(row[k], str) and not (k in optional and row[k] is None)
+            ]
+            if wrong:
+                raise SchemaError(f"{where}: {'; '.join(wrong)}")
             if row["id"] in seen:
                 raise SchemaError(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]})")
             seen[row["id"]] = where
@@ -114,6 +130,49 @@ def by_answer_type(rows: list[dict], scores: list[dict], seed: int, n_boot: int)
     return result
 
 
+def mean_ci(values, seed: int, n_boot: int) -> dict | None:
+    """{mean, ci95, n} of per-question values (None when there are none)."""
+    if values is None or len(values) == 0:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    low, high = bootstrap_ci(arr, seed, n_boot)
+    return {"mean": float(arr.mean()), "ci95": [low, high], "n": len(arr)}
+
+
+def protocol_summary(
+    rows: list[dict], protocols: str, seed: int, n_boot: int, dataset: str | None = None
+) -> dict:
+    """{protocol: {closed, open, overall, notes}} under each harness's rules (eval.protocols)."""
+    out = {}
+    for protocol in get_protocols(protocols):
+        scores = score_protocol(protocol, rows, dataset)
+        values = split_values(scores)
+        out[protocol.name] = {
+            key: mean_ci(values[key], seed, n_boot) for key in ("closed", "open", "overall")
+        }
+        out[protocol.name]["notes"] = notes_of(scores)
+    return out
+
+
+def protocol_markdown(runs: dict) -> list[str]:
+    """Rows of the per-protocol table (empty when no run was scored with --protocol)."""
+    names = [n for n in runs if runs[n].get("protocols")]
+    if not names:
+        return []
+    lines = [
+        "",
+        "### Under each harness's protocol (%, bootstrap 95% CI; closed/open as each harness splits them)",
+        "",
+    ]
+    lines += ["| protocol | split | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for protocol in runs[names[0]]["protocols"]:
+        for split in ("closed", "open", "overall"):
+            cells = [runs[n]["protocols"].get(protocol, {}).get(split) for n in names]
+            text = [percent_cell(c) + (f" (n={c['n']})" if c else "") for c in cells]
+            lines.append(f"| {PROTOCOLS[protocol].title} | {split} | " + " | ".join(text) + " |")
+    return lines
+
+
 def evaluate_run(rows: list[dict], seed: int = 0, n_boot: int = 1000) -> dict:
     """Metrics of one run: overall accuracy, per answer type, and per question type / modality."""
     scores = score_rows(rows)
@@ -156,8 +215,11 @@ def markdown(report: dict) -> str:
         "| answer type | metric | kind | " + " | ".join(names) + " |",
         "|---|---|---|" + "---|" * len(names),
     ]
-    lines.append("| all | accuracy (strict; token F1 for open) | strict | "
-                 + " | ".join(percent_cell(runs[n]["all"]["accuracy"]) for n in names) + " |")  # fmt: skip
+    lines.append(
+        "| all | accuracy (strict; token F1 for open) | strict | "
+        + " | ".join(percent_cell(runs[n]["all"]["accuracy"]) for n in names)
+        + " |"
+    )
     for answer_type, metric_names in HEADLINE.items():
         if not any(answer_type in runs[n]["by_answer_type"] for n in names):
             continue
@@ -172,8 +234,12 @@ def markdown(report: dict) -> str:
         groups = sorted({g for n in names for g in runs[n][f"by_{key}"]})
         if not groups:
             continue
-        lines += ["", f"### By {key.replace('_', ' ')} (LLaVA-Med: closed accuracy / open recall; strict: default "
-                  "accuracy)", ""]  # fmt: skip
+        lines += [
+            "",
+            f"### By {key.replace('_', ' ')} (LLaVA-Med: closed accuracy / open recall; strict: default "
+            "accuracy)",
+            "",
+        ]
         header = " | ".join(f"{n} LLaVA-Med | {n} strict" for n in names)
         lines += [f"| {key} | answer type | n | {header} |", "|---|---|---|" + "---|---|" * len(names)]
         for group in groups:
@@ -195,10 +261,14 @@ def markdown(report: dict) -> str:
     ]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
+    lines += protocol_markdown(runs)
     if report.get("unpaired"):
         lines += ["", f"Warning: {report['unpaired']}"]
-    lines += ["", "LLaVA-Med-compatible metrics follow LLaVA-Med's run_eval scripts (lenient: substring matches, "
-              "recall rewards long answers); strict ones need the exact answer (see medllava/metrics.py)."]  # fmt: skip
+    lines += [
+        "",
+        "LLaVA-Med-compatible metrics follow LLaVA-Med's run_eval scripts (lenient: substring matches, "
+        "recall rewards long answers); strict ones need the exact answer (see medllava/metrics.py).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -256,8 +326,14 @@ def run_names(specs: list[str], names: list[str] | None) -> list[str]:
     return chosen
 
 
-def score_files(specs: list[str], output: Path, names: list[str] | None = None, seed: int = 0,
-                n_boot: int = 1000) -> dict:  # fmt: skip
+def score_files(
+    specs: list[str],
+    output: Path,
+    names: list[str] | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    protocols: str | None = None,
+) -> dict:
     report = {"seed": seed, "bootstrap_samples": n_boot, "runs": {}}
     id_sets = []
     for name, spec in zip(run_names(specs, names), specs, strict=True):
@@ -269,6 +345,8 @@ def score_files(specs: list[str], output: Path, names: list[str] | None = None, 
             "notes": notes,
             **evaluate_run(rows, seed, n_boot),
         }
+        if protocols:
+            report["runs"][name]["protocols"] = protocol_summary(rows, protocols, seed, n_boot)
     if len(id_sets) > 1 and any(s != id_sets[0] for s in id_sets[1:]):
         report["unpaired"] = "the runs answer different sets of questions; compare their numbers with care"
     output.mkdir(parents=True, exist_ok=True)
@@ -280,19 +358,36 @@ def score_files(specs: list[str], output: Path, names: list[str] | None = None, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--predictions", nargs="+", required=True,
-                   help="prediction JSONL file(s), one run each; comma-join files of one run (shards)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m eval.score",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--predictions",
+        nargs="+",
+        required=True,
+        help="prediction JSONL file(s), one run each; comma-join files of one run (shards)",
+    )
     p.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and metrics.png")
     p.add_argument("--names", nargs="+", help="a name per run (default: the file names)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument(
+        "--protocol",
+        metavar="NAME[,NAME...]",
+        help=f"also score under these harness protocols ({', '.join(PROTOCOLS)}, or 'all')",
+    )
     args = p.parse_args(argv)
     if args.bootstrap < 1:
         p.error("--bootstrap must be >= 1")
+    if args.protocol:
+        try:
+            get_protocols(args.protocol)
+        except ValueError as e:
+            p.error(f"--protocol: {e}")
     try:
-        score_files(args.predictions, Path(args.output), args.names, args.seed, args.bootstrap)
+        score_files(args.predictions, Path(args.output), args.names, args.seed, args.bootstrap, args.protocol)
     except (SchemaError, ValueError) as e:
         sys.exit(f"eval.score: error: {e}")
     print((Path(args.output) / "metrics.md").read_text(encoding="utf-8"), end="")

@@ -1,6 +1,7 @@
 # Evaluation targets (eval/). Variables are target-specific so they do not clash with other parts' mk files:
 #   make eval MODEL=default DATA=data/medsynth/vqa_test.jsonl OUT=outputs/eval EVAL_ARGS='--limit 50'
-.PHONY: eval bench-eval
+#   make scoreboard MODEL="default outputs/starter/dpo" SCOREBOARD_ARGS='--limit 48 --judge http://127.0.0.1:8000/v1'
+.PHONY: eval scoreboard bench-eval
 
 eval: MODEL ?= default
 eval: DATA ?= data/medsynth/vqa_test.jsonl
@@ -9,6 +10,12 @@ eval: EVAL_ARGS ?=
 eval: ## answer DATA with MODEL (resumable) and score it into OUT: metrics.json, metrics.md, metrics.png
 	$(PY) -m eval.generate --model $(MODEL) --data $(DATA) --output $(OUT)/predictions.jsonl $(EVAL_ARGS)
 	$(PY) -m eval.score --predictions $(OUT)/predictions.jsonl --output $(OUT)
+
+scoreboard: MODEL ?= default
+scoreboard: OUT ?= outputs/scoreboard
+scoreboard: SCOREBOARD_ARGS ?=
+scoreboard: ## every test set in data/ under every harness's protocol, with image controls and leakage: OUT/scoreboard.md
+	$(PY) -m eval.scoreboard $(foreach m,$(MODEL),--model $(m)) --output $(OUT) $(SCOREBOARD_ARGS)
 
 bench-eval: ## questions/s of batched vs one-at-a-time VQA answering on the default base model (CPU)
 	$(PY) -m bench.eval_throughput
