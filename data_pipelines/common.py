@@ -331,19 +331,15 @@ def canonical_answer(answer: str) -> str:
 
 
 def phash_images(paths: Iterable[str | Path], desc: str = "hashing") -> dict[str, int]:
-    """Path -> 64-bit perceptual hash (imagehash.phash over medllava's loader); undecodable files are skipped."""
-    import imagehash
-
-    from medllava.processing import ImageLoadError, load_image
+    """Path -> 64-bit perceptual hash (medllava.leakage.image_phash); undecodable files are skipped."""
+    from medllava.leakage import image_phash
 
     hashes = {}
     paths = sorted({str(p) for p in paths})
     for path in progress(paths, desc, unit="img"):
-        try:
-            bits = imagehash.phash(load_image(path)).hash.flatten()
-        except ImageLoadError:
-            continue
-        hashes[path] = int("".join("1" if b else "0" for b in bits), 2)
+        value = image_phash(path)
+        if value is not None:
+            hashes[path] = value
     return hashes
 
 
@@ -359,6 +355,8 @@ def leakage_report(
     """
     import numpy as np
 
+    from medllava.leakage import hamming
+
     train_hashes = phash_images([resolve_image(p, root) for p in train_images], "hashing train images")
     test_hashes = phash_images([resolve_image(p, root) for p in test_images], "hashing test images")
     train_paths = list(train_hashes)
@@ -369,8 +367,7 @@ def leakage_report(
     for path, value in test_hashes.items():
         if not len(train_arr):
             break
-        xor = np.bitwise_xor(train_arr, np.uint64(value))
-        distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        distance = hamming(train_arr, value)
         close = np.flatnonzero(distance <= max_distance)
         if close.size:
             pairs.append(

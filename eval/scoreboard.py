@@ -48,6 +48,7 @@ from eval.protocols import (
     split_values,
 )
 from eval.score import bootstrap_ci, mean_ci, percent_cell
+from medllava.leakage import hamming, image_phash
 from medllava.schema import (
     SchemaError,
     content_text,
@@ -264,22 +265,13 @@ class HashCache:
         self.dirty = False
 
     def get(self, image: Path) -> int | None:
-        import imagehash
-
-        from medllava.processing import ImageLoadError, load_image
-
         try:
             stat = image.stat()
         except OSError:
             return None
         key = f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in self.data:
-            try:
-                bits = imagehash.phash(load_image(image)).hash.flatten()
-            except (ImageLoadError, OSError):
-                self.data[key] = None
-            else:
-                self.data[key] = int("".join("1" if b else "0" for b in bits), 2)
+            self.data[key] = image_phash(image)
             self.dirty = True
         return self.data[key]
 
@@ -287,11 +279,6 @@ class HashCache:
         if self.dirty:
             write_json(self.path, self.data)
             self.dirty = False
-
-
-def hamming(values: np.ndarray, value: int) -> np.ndarray:
-    xor = np.bitwise_xor(values, np.uint64(value))
-    return np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
 def check_leakage(
