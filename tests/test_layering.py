@@ -76,3 +76,30 @@ def test_installing_puts_no_generic_top_level_names_in_site_packages(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert found.stdout.strip() == "['medllava', 'data_pipelines']", found.stderr
+
+
+def test_readme_layout_matches_the_tree():
+    """Every folder the README's layout names exists, and every module of the code folders is named there."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    described: dict[str, str] = {}
+    folder = None
+    for line in block.splitlines():
+        if line[:1].strip():
+            folder, _, text = line.partition(" ")
+            folder = folder.rstrip("/")
+            described[folder] = text
+        elif folder:
+            described[folder] += " " + line.strip()
+    assert set(described) >= {CORE, *STAGES, "tests", "docs"}
+    for name in described:
+        assert (REPO / name).is_dir(), f"README layout names {name}/, which does not exist"
+    for name in (CORE, *STAGES):
+        text = described[name]
+        modules = [p.stem for p in (REPO / name).glob("*.py")] + [
+            p.parent.name for p in (REPO / name).glob("*/__init__.py")
+        ]
+        for module in sorted(modules):
+            if module in ("__init__", "__main__"):
+                continue
+            assert module in text, f"README layout: {name}/{module} is not named on the {name}/ line"
