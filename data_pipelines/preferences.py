@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_pipelines.common import Rejects, format_table, progress, unique_id
+from medllava.prompts import extract_answer, split_stated, stated_answer
 from medllava.schema import (
     CHOICE,
     CLOSED,
@@ -108,7 +109,15 @@ SWAPS: dict[str, Callable[[str, random.Random], str | None]] = {
 
 
 def hallucinate(answer: str, rng: random.Random, names=tuple(SWAPS)) -> tuple[str, str] | None:
-    """(swap name, changed answer) from the first swap that applies, else None."""
+    """(swap name, changed answer) from the first swap that applies, else None. A stated-finding closed answer
+    ("There is no lesion. No.") keeps its statement and gets the other verdict: the rejected reply contradicts
+    itself, which is what the preference should teach against (swapping words in the statement would not)."""
+    stated = split_stated(answer)
+    if stated is not None:
+        if "yes_no" not in names:
+            return None
+        statement, verdict = stated
+        return "yes_no", stated_answer(statement, "no" if verdict.lower() == "yes" else "yes")
     for name in names:
         changed = SWAPS[name](answer, rng)
         if changed is not None and normalise_text(changed) != normalise_text(answer):
@@ -254,8 +263,9 @@ def cmd_grpo(args) -> tuple[list[dict], Rejects, Counter]:
                 rejects.add(row["id"], f"CHOICE answer {answer!r} is not an option letter", row)
                 continue
             out.append(grpo_row(row, row_id, letter.group(1).upper(), CHOICE))
-        elif normalise_text(answer) in ("yes", "no"):
-            out.append(grpo_row(row, row_id, normalise_text(answer), CLOSED))
+        elif normalise_text(extract_answer(answer)) in ("yes", "no"):
+            # a stated-finding answer is verified on its verdict
+            out.append(grpo_row(row, row_id, normalise_text(extract_answer(answer)), CLOSED))
         elif len(answer.split()) > args.max_answer_words:
             counts[f"answer over {args.max_answer_words} words (left out)"] += 1
             continue

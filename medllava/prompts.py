@@ -115,6 +115,16 @@ def stated_answer(statement: str, verdict: str) -> str:
     return f"{statement.strip().rstrip('.')}. {verdict.strip().capitalize()}."
 
 
+def split_stated(text: str) -> tuple[str, str] | None:
+    """(statement, verdict) of a stated-finding closed answer ("This is a CT. No." -> ("This is a CT", "No")), or
+    None when the text is not one."""
+    text = "" if text is None else str(text).strip()
+    verdict = None if _ANSWER_TAG.search(text) else _VERDICT.search(text)
+    if not verdict:
+        return None
+    return text[: verdict.start()].rstrip(" .!?:;"), verdict.group(1)
+
+
 def extract_answer(text: str) -> str:
     """The final answer of a reply, which is what every metric scores:
     - the content of the first `<answer>...</answer>` if there is one;

@@ -39,6 +39,7 @@ from PIL import Image
 from medllava.generation import SamplingParams
 from medllava.image_roles import ImageInput, check_date, with_image_roles
 from medllava.processing import ImageLoadError, ImageTooLargeError, dicom_summary, is_dicom, load_image
+from medllava.schema import message
 from medllava.speech import AudioError, transcribe
 from medllava.volumes import AXES, Volume, VolumeError, VolumeSlices, VolumeTooLargeError, is_volume_file
 from serve.engine import NOT_FOR_CLINICAL_USE, Busy, Engine
@@ -164,14 +165,9 @@ class Session:
         out = []
         for i, turn in enumerate(self.turns):
             n_images = sum(len(self.uploads[k].images) for k in turn.uploads)
-            out.append(
-                {
-                    "role": "user",
-                    "content": [{"type": "image"}] * n_images + [{"type": "text", "text": self.text(turn)}],
-                }
-            )
+            out.append(message("user", self.text(turn), n_images))
             if i < len(self.turns) - 1:
-                out.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer or ""}]})
+                out.append(message("assistant", turn.answer or ""))
         return out
 
     def display(self) -> list[dict]:

@@ -1,9 +1,11 @@
-"""medsynth: deterministic, leak-free across splits (no shared slice, no overlapping region), every modality in
-every split, balanced, valid schema rows, answers that match the pixels.
+"""medsynth: deterministic, leak-free across splits (no shared slice, no overlapping region, unseen files held out
+whole), every modality in train/val/test, balanced, valid schema rows, answers (stated findings included) and
+descriptions that match the pixels.
 
-Two small builds (--size 0.03, ~60 images each) are made once per module: one in-process, one through the
+Two small builds (--size 0.03, ~70 images each) are made once per module: one in-process, one through the
 command line (`python -m data_pipelines.medsynth`) with 2 workers. Both must match, byte for byte, the sha256
-manifest in tests/fixtures/medsynth_manifest.json, made by the code before it became a package.
+manifest in tests/fixtures/medsynth_manifest.json (regenerate it with `python tests/test_medsynth.py` after an
+intended change of the output, and say why in the commit).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import medsynth as ms
+from medllava.prompts import extract_answer, stated_answer
 from medllava.schema import read_rows, validate_row, vqa_answer, vqa_question
 
 SIZE = "0.03"
@@ -28,10 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "tests" / "fixtures" / "medsynth_manifest.json"
 
 
-def _build(out: Path, seed: int, workers: int) -> Path:
-    ms.build(
-        ms.parse_args(["--out", str(out), "--seed", str(seed), "--size", SIZE, "--num-workers", str(workers)])
-    )
+def _build(out: Path, seed: int, workers: int, *extra: str) -> Path:
+    args = ["--out", str(out), "--seed", str(seed), "--size", SIZE, "--num-workers", str(workers), *extra]
+    ms.build(ms.parse_args(args))
     return out
 
 
@@ -81,8 +83,8 @@ def test_same_seed_same_bytes_whatever_the_worker_count(built):
 
 
 def test_build_matches_the_committed_manifest(built):
-    """Every file of the seed-3 build (every JSONL, PNG and the README) has the sha256 it had before medsynth
-    became a package: a changed wording, order of random draws, lesion pixel or README line fails here."""
+    """Every file of the seed-3 build (every JSONL, PNG and the README) has the sha256 recorded in the manifest:
+    a changed wording, order of random draws, lesion pixel or README line fails here."""
     manifest = json.loads(MANIFEST.read_text(encoding="utf-8"))
     assert manifest["args"] == ["--seed", "3", "--size", SIZE]  # the build of the `built` fixture
     out = built[0]
@@ -109,6 +111,43 @@ def test_cli_rejects_bad_arguments():
         ms.parse_args(["--out", "x", "--size", "0"])
     with pytest.raises(SystemExit):
         ms.parse_args(["--out", "x", "--image-size", "64"])
+    with pytest.raises(SystemExit):
+        ms.parse_args(["--out", "x", "--closed-answers", "maybe"])
+    assert ms.parse_args(["--out", "x"]).closed_answers == "stated"
+
+
+def test_train_images_sets_the_train_count_and_keeps_rows_per_image():
+    from data_pipelines.medsynth.builder import n_images, n_rows
+
+    default = ms.parse_args(["--out", "x"])
+    assert n_images("train", default) == 1500 and n_rows("vqa", "train", default) == 12000
+    more = ms.parse_args(["--out", "x", "--train-images", "3000", "--size", "0.5"])
+    assert n_images("train", more) == 3000 and n_rows("vqa", "train", more) == 24000
+    assert n_images("test", more) == 140 and n_rows("vqa", "test", more) == 300
+    with pytest.raises(SystemExit):
+        ms.parse_args(["--out", "x", "--train-images", "3"])
+
+
+def test_verdict_only_build_differs_only_in_closed_vqa_answers(built, tmp_path):
+    """--closed-answers verdict (the ablation): the same images, instances, captions, conversations, GRPO rows and
+    VQA questions; only the CLOSED VQA answers (bare verdicts) and the README's build line change."""
+    stated = built[0]
+    verdict = _build(tmp_path / "verdict", 3, 1, "--closed-answers", "verdict")
+    files = sorted(p.relative_to(stated).as_posix() for p in stated.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(verdict).as_posix() for p in verdict.rglob("*") if p.is_file())
+    changed = {f for f in files if _digest(stated / f) != _digest(verdict / f)}
+    assert changed == {"README.md", *(f"vqa_{split}.jsonl" for split in ms.SPLITS)}
+    for split in ms.SPLITS:
+        rows_s, rows_v = _rows(stated, "vqa", split), _rows(verdict, "vqa", split)
+        assert [vqa_question(r) for r in rows_s] == [vqa_question(r) for r in rows_v]
+        for a, b in zip(rows_s, rows_v, strict=True):
+            assert a["short_answer"] == b["short_answer"] == vqa_answer(b)
+            if a["answer_type"] == "CLOSED":
+                assert vqa_answer(a) != vqa_answer(b) and extract_answer(vqa_answer(a)).lower() == vqa_answer(
+                    b
+                )
+            else:
+                assert vqa_answer(a) == vqa_answer(b)
 
 
 # --- splits: no background slice and no instance in two splits --------------------------------------------------------
@@ -141,7 +180,7 @@ def test_regions_of_different_splits_do_not_overlap_in_source_pixels():
         size = load_image(files[source.key]).size  # (width, height) of the file's picture
         roi = ms.pixel_box(source.roi, size)
         boxes = {u.key: (u.split, ms.pixel_box(u.box, size)) for u in units if u.source == source.key}
-        assert {split for split, _ in boxes.values()} == set(ms.SPLITS), source.key
+        assert {split for split, _ in boxes.values()} == set(ms.IN_DOMAIN), source.key
         for split, (x0, y0, x1, y1) in boxes.values():
             assert roi[0] <= x0 < x1 <= roi[2] and roi[1] <= y0 < y1 <= roi[3], (source.key, split)
         gap = max(4.0, 0.02 * min(roi[2] - roi[0], roi[3] - roi[1]))
@@ -166,8 +205,28 @@ def test_regions_of_different_splits_do_not_overlap_in_source_pixels():
 
 def test_every_modality_has_background_units_in_every_split():
     units, _, _ = ms.catalogue()
-    for split in ms.SPLITS:
+    for split in ms.IN_DOMAIN:
         assert {u.modality for u in units if u.split == split} == set(ms.MODALITIES), split
+
+
+def test_unseen_split_holds_whole_files_no_other_split_was_cut_from():
+    """Every source with an unseen unit has all its units in `unseen`; a modality with more than one file holds
+    at least one out (CT, MRI, ultrasound, histology), and every unseen modality is also in train."""
+    units, files, _ = ms.catalogue()
+    splits_of = defaultdict(set)
+    for u in units:
+        splits_of[u.source].add(u.split)
+    unseen = {src for src, splits in splits_of.items() if ms.UNSEEN in splits}
+    assert unseen and all(splits_of[src] == {ms.UNSEEN} for src in unseen)
+    assert {ms.SOURCE_BY_KEY[src].split for src in unseen} == {ms.UNSEEN}
+    # no two sources are the same file
+    assert len({(s.package, s.relpath) for s in ms.SOURCES}) == len(ms.SOURCES)
+    files_per_modality = Counter(s.modality for s in ms.SOURCES if s.key in files)
+    unseen_modalities = {ms.SOURCE_BY_KEY[src].modality for src in unseen}
+    assert unseen_modalities == {m for m, n in files_per_modality.items() if n > 1}
+    assert unseen_modalities == {"CT", "MRI", "ultrasound", "histology"}
+    train_modalities = {u.modality for u in units if u.split == "train"}
+    assert unseen_modalities <= train_modalities
 
 
 def test_default_test_split_asks_each_modality_at_least_20_times():
@@ -198,6 +257,29 @@ def test_default_test_split_asks_each_modality_at_least_20_times():
     assert set(per_modality) == set(ms.MODALITIES) and min(per_modality.values()) >= 20, per_modality
     closed = Counter(c["answer"] for c in modality if c["answer_type"] == "CLOSED")
     assert abs(closed["yes"] - closed["no"]) <= 1, closed
+
+
+def test_default_unseen_split_asks_each_of_its_modalities_at_least_20_times():
+    import random
+
+    units, _, _ = ms.catalogue()
+    specs = ms.sample_specs(units, ms.UNSEEN, ms.DEFAULT_INSTANCES[ms.UNSEEN], 0)
+    instances = [
+        {
+            "id": s.id,
+            "image": s.id,
+            "modality": s.modality,
+            "region": s.region,
+            "count": s.count,
+            "side": s.side,
+        }
+        | {"position": s.position, "size": s.size, "contrast": s.contrast}
+        for s in specs
+    ]
+    n_vqa = ms.DEFAULT_ROWS["vqa"][ms.UNSEEN]
+    picked = ms.select_vqa(instances, n_vqa, random.Random("0/unseen/vqa"), ms.vqa_table(ms.UNSEEN))
+    per_modality = Counter(c["instance"]["modality"] for c in picked if c["question_type"] == "MODALITY")
+    assert set(per_modality) == {"CT", "MRI", "ultrasound", "histology"} and min(per_modality.values()) >= 20
 
 
 def test_modality_and_region_come_from_tags_where_present():
@@ -232,9 +314,12 @@ def test_sources_are_distinct_images():
 def test_every_modality_is_in_every_split_and_crops_stay_in_their_area(out):
     instances = _instances(out)
     units = {u.key: u for u in ms.catalogue()[0]}
-    for split in ms.SPLITS:
+    for split in ms.IN_DOMAIN:
         insts = [i for i in instances.values() if i["split"] == split]
         assert {i["modality"] for i in insts} == set(ms.MODALITIES), split
+    unseen = [i for i in instances.values() if i["split"] == ms.UNSEEN]
+    assert {i["modality"] for i in unseen} == {"CT", "MRI", "ultrasound", "histology"}
+    assert all(ms.SOURCE_BY_KEY[i["source"]].split == ms.UNSEEN for i in unseen)
     for inst in instances.values():
         unit = units[inst["unit"]]
         assert unit.split == inst["split"] and inst["area"] == list(unit.box), inst["id"]
@@ -302,7 +387,7 @@ def test_instruct_has_2_to_4_turns_and_vqa_is_single_turn(out):
 def test_closed_answers_are_balanced_per_question_type(out):
     for split in ms.SPLITS:
         counts = Counter(
-            (r["question_type"], vqa_answer(r))
+            (r["question_type"], r["short_answer"])
             for r in _rows(out, "vqa", split)
             if r["answer_type"] == "CLOSED"
         )
@@ -316,7 +401,7 @@ def test_closed_answers_are_balanced_per_question_type(out):
                 yes,
                 no,
             )
-    closed = [vqa_answer(r) for r in _rows(out, "vqa", "train") if r["answer_type"] == "CLOSED"]
+    closed = [r["short_answer"] for r in _rows(out, "vqa", "train") if r["answer_type"] == "CLOSED"]
     assert set(closed) == {"yes", "no"}
 
 
@@ -398,6 +483,40 @@ def _expected_open(question: str, qtype: str, t: dict) -> str:
     }[qtype]
 
 
+def _check_statement(statement: str, question: str, qtype: str, t: dict) -> None:
+    """A stated CLOSED answer's statement says the truth about what the question asks."""
+    s, q = statement.lower(), question.lower()
+    count = int(t["count"])
+    if qtype in ("PRES", "COUNT"):
+        if count == 0:
+            assert s == "there is no lesion", statement
+        else:
+            noun = "lesion" if count == 1 else "lesions"
+            assert s.startswith(f"there {'is' if count == 1 else 'are'} {ms.COUNT_WORDS[count]} {noun}"), (
+                statement
+            )
+            assert (t["quadrant"] in s) == (qtype == "PRES"), statement
+    elif qtype == "POS":
+        asked = next(w for w in ("left", "right", "upper", "lower") if re.search(rf"\b{w}\b", q))
+        truth = t["side"] if asked in ("left", "right") else t["position"]
+        other = {"left": "right", "right": "left", "upper": "lower", "lower": "upper"}[truth]
+        assert re.search(rf"\b{truth}\b", s) and not re.search(rf"\b{other}\b", s), statement
+    elif qtype == "SIZE":
+        assert s.endswith(t["size"]) and ("large" if t["size"] == "small" else "small") not in s, statement
+    elif qtype == "ATTRIB":
+        assert t["contrast"] in s and ({"brighter": "darker", "darker": "brighter"}[t["contrast"]]) not in s
+    elif qtype == "MODALITY":
+        stated = [m for m, phrase in ms.MODALITY_PHRASE.items() if phrase.lower() in s]
+        assert [m.lower() for m in stated] == [t["modality"]], statement
+    elif qtype == "ORGAN":
+        stated = [r for r, phrase in ms.REGION_PHRASE.items() if phrase.lower() in s]
+        assert stated == [t["region"]], statement
+    if qtype in ("POS", "SIZE", "ATTRIB"):
+        # the statement names the lesions as the question does ("the nodules")
+        ref = re.search(r"\bthe ((?:focal )?(?:lesion|nodule)s?)\b", q).group(1)
+        assert s.startswith(f"the {ref} "), (question, statement)
+
+
 def test_vqa_and_grpo_answers_match_the_geometry(out):
     instances = _instances(out)
     checked = Counter()
@@ -405,7 +524,17 @@ def test_vqa_and_grpo_answers_match_the_geometry(out):
         for stage in ("vqa", "grpo"):
             for row in _rows(out, stage, split):
                 t = _truth(instances[row["instance"]])
-                question, answer, qtype = vqa_question(row), vqa_answer(row), row["question_type"]
+                question, text, qtype = vqa_question(row), vqa_answer(row), row["question_type"]
+                answer = row.get("short_answer", text)
+                if stage == "vqa" and row["answer_type"] == "CLOSED":
+                    # stated: "<statement>. <Verdict>." with the verdict as its last sentence
+                    statement, verdict = text.rsplit(". ", 1)
+                    assert text == stated_answer(statement, answer), (row["id"], text)
+                    assert extract_answer(text).lower() == answer, (row["id"], text)
+                    _check_statement(statement, question, qtype, t)
+                    checked["stated"] += 1
+                elif stage == "vqa":
+                    assert text == answer, (row["id"], text)
                 if row["answer_type"] == "CLOSED":
                     assert answer == _expected_closed(question, qtype, t), (row["id"], question, answer)
                 elif row["answer_type"] == "OPEN":
@@ -417,30 +546,68 @@ def test_vqa_and_grpo_answers_match_the_geometry(out):
                     ]
                     assert option == t[key], (row["id"], question, answer)
                 checked[row["answer_type"]] += 1
-    assert checked["CLOSED"] and checked["OPEN"] and checked["CHOICE"]
+    assert checked["CLOSED"] and checked["OPEN"] and checked["CHOICE"] and checked["stated"]
+
+
+def test_every_closed_kind_states_its_finding_and_open_kinds_do_not():
+    for kind in ms.VQA_QUESTIONS:
+        assert (kind.statement is not None) == (kind.answer_type == "CLOSED"), kind
+        if isinstance(kind.statement, dict):
+            assert set(kind.statement) == set(kind.wordings), kind
 
 
 def test_captions_and_conversations_state_the_ground_truth(out):
     instances = _instances(out)
-    for row in _rows(out, "captions", "train") + _rows(out, "instruct", "train"):
-        t = _truth(instances[row["instance"]])
-        text = " ".join(
-            p["text"] for m in row["messages"] if m["role"] == "assistant" for p in m["content"]
-        ).lower()
-        assert ms.MODALITY_PHRASE[instances[row["instance"]]["modality"]].lower() in text or row[
-            "id"
-        ].startswith("medsynth-ins")
-        if t["count"] == "0":
-            assert re.search(r"\b(no|none|without)\b", text), text
-        else:
+    for split in ms.SPLITS:
+        for row in _rows(out, "captions", split) + _rows(out, "instruct", split):
+            inst = instances[row["instance"]]
+            t = _truth(inst)
+            text = " ".join(
+                p["text"] for m in row["messages"] if m["role"] == "assistant" for p in m["content"]
+            ).lower()
+            # the machine-readable facts are the ground truth (re-derived from the geometry)
+            facts = row["facts"]
+            assert facts["modality"].lower() == t["modality"] and facts["region"] == t["region"], row["id"]
+            assert str(facts["lesion_count"]) == t["count"], row["id"]
+            if t["count"] != "0":
+                assert (facts["side"], facts["position"], facts["quadrant"]) == (
+                    t["side"],
+                    t["position"],
+                    t["quadrant"],
+                )
+                assert facts["size"] == t["size"] and facts["contrast"] == inst["contrast"]
+            else:
+                assert set(facts) == {"modality", "region", "lesion_count"}
+            if row["id"].startswith("medsynth-ins"):
+                if t["count"] == "0":
+                    assert re.search(r"\b(no|none|without)\b", text), text
+                continue
+            # captions and descriptions name the modality, the region, the count and the quadrant
+            assert ms.MODALITY_PHRASE[inst["modality"]].lower() in text, text
+            assert ms.REGION_PHRASE[inst["region"]].lower() in text, text
+            if t["count"] == "0":
+                assert re.search(r"\b(no|none|without)\b", text), text
+            else:
+                assert ms.COUNT_WORDS[int(t["count"])] in text.split() and t["quadrant"] in text, text
             for word in ("left", "right", "upper", "lower"):
                 if re.search(rf"\b{word}\b", text):
                     assert word in (t["side"], t["position"]), (row["id"], text)
 
 
+def test_held_out_splits_have_describe_this_image_rows(out):
+    """Descriptions for fact recall: every split has "Describe this image."-style rows answered in sentences."""
+    for split in ms.SPLITS:
+        rows = _rows(out, "captions", split)
+        described = [r for r in rows if vqa_question(r) in ms.DESCRIBE_INSTRUCTIONS]
+        assert described, split
+        for row in described:
+            assert vqa_answer(row).startswith("This is ") and vqa_answer(row).count(". ") >= 1
+
+
 def _difference(inst: dict, out: Path, library: dict, side: int) -> np.ndarray:
-    """|saved image - its background re-rendered from the stored augmentation|, grey, at `side` px."""
-    background = ms.apply_augment(library[inst["unit"]], inst["image_size"], inst["augment"])
+    """|saved image - its background re-rendered from the stored augmentation (noise included)|, grey, at
+    `side` px."""
+    background = ms.background_picture(library[inst["unit"]], inst["image_size"], inst["augment"])
     clean = ms._to_image(background).convert("L").resize((side, side), Image.BILINEAR)
     saved = Image.open(out / inst["image"]).convert("L").resize((side, side), Image.BILINEAR)
     return np.abs(np.asarray(saved, np.float32) - np.asarray(clean, np.float32))
@@ -488,6 +655,49 @@ def test_readme_reports_the_counts(out):
     text = (out / "README.md").read_text()
     for stage in ms.STAGES:
         assert f"{stage}_<split>.jsonl" in text
+    assert (
+        "Held out whole for the unseen split" in text and "us-heart-tee (pydicom-data: color-px.dcm)" in text
+    )
+    assert "Licences of the packages used" in text and "wsidicom-data | Apache-2.0" in text
     n_train = len(_rows(out, "vqa", "train"))
     assert re.search(rf"\| vqa_<split>\.jsonl\s*\| {n_train}\s*\|", text)
     assert "CLOSED answers (yes / no)" in text and "Question text alone" in text
+
+
+def test_augmentation_draws_window_and_noise_and_reproduces_them():
+    """Every augmentation parameter is stored; re-applying it gives the same picture, and the noise differs between
+    two seeds (the noise is not one fixed pattern)."""
+    units, files, _ = ms.catalogue()
+    unit = next(u for u in units if u.source == "ct-abdomen" and u.split == "train")
+    background = ms.load_background((unit, str(files[unit.source])))
+    rng = np.random.default_rng(0)
+    params = [ms.sample_augment(background, ms.SOURCE_BY_KEY[unit.source], rng) for _ in range(20)]
+    assert all(
+        set(p) == {"crop", "flip_lr", "flip_ud", "window", "gamma", "noise", "noise_seed"} for p in params
+    )
+    assert len({tuple(p["window"]) for p in params}) == 20 and max(p["noise"] for p in params) > 1
+    a, b = (ms.background_picture(background, 224, p) for p in params[:2])
+    assert np.array_equal(a, ms.background_picture(background, 224, params[0])) and not np.array_equal(a, b)
+    noisy = dict(params[0], noise=4.0)
+    residual = ms.background_picture(background, 224, noisy) - ms.apply_augment(background, 224, noisy)
+    assert 2.0 < float(residual[(a > 20) & (a < 235)].std()) < 6.0
+
+
+if __name__ == "__main__":
+    # Regenerate the manifest after an intended change of the output: python tests/test_medsynth.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built_dir = _build(Path(tmp) / "a", 3, 1)
+        files = {
+            p.relative_to(built_dir).as_posix(): _digest(p)
+            for p in sorted(built_dir.rglob("*"))
+            if p.is_file()
+        }
+    about = (
+        f"sha256 of every file of `python -m data_pipelines.medsynth --out DIR --seed 3 --size {SIZE}`, written by "
+        "`python tests/test_medsynth.py`. Change it only together with an intended change of the build's output."
+    )
+    manifest = {"about": about, "args": ["--seed", "3", "--size", SIZE], "files": dict(sorted(files.items()))}
+    MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {MANIFEST} ({len(files)} files)")

@@ -1,4 +1,4 @@
-"""The metrics equal the LLaVA-Med definitions (written out again here, from ANCHORS.md, in the plainest form)."""
+"""The metrics equal the LLaVA-Med v1.0 definitions (its run_eval scripts, written out again here in the plainest form)."""
 
 from __future__ import annotations
 

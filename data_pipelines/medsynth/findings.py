@@ -1,6 +1,7 @@
 """Rendering of findings: what to draw on each background (specs, sampled in order in the main process) and
-how (augmentation, then 0-3 synthetic lesions in one quadrant, drawn deterministically wherever the job
-runs), with the ground truth of every saved image."""
+how (augmentation: crop and zoom, flips, intensity window and gamma; then 0-3 synthetic lesions in one
+quadrant; then acquisition noise over everything, drawn deterministically wherever the job runs), with the
+ground truth of every saved image."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class Instance:
     modality: str
     region: str
     image_size: int
-    augment: dict  # crop [x0, y0, side] in background (area) pixels, flip_lr, flip_ud, gamma, gain, shift
+    augment: dict  # crop [x0, y0, side] in background (area) pixels, flip_lr, flip_ud, window, gamma, noise
     count: int
     side: str | None
     position: str | None
@@ -120,10 +121,19 @@ ATTEMPTS = 40  # fresh crops tried per image before giving up
 BRIGHT_TARGET, DARK_TARGET = 245.0, 12.0
 
 
+WINDOW_LOW = (-25.0, 35.0)  # grey levels of the loaded picture that become black ...
+WINDOW_HIGH = (220.0, 280.0)  # ... and white: a window up to 1.4x narrower or 1.2x wider than the file's own
+NOISE_SIGMA = (
+    0.0,
+    6.0,
+)  # grey levels, Gaussian, added after the lesions (it covers them as it covers tissue)
+
+
 def sample_augment(background: np.ndarray, source: Source, rng: np.random.Generator) -> dict:
-    """Square crop (zoom 0.7-1 of the shorter side), flips where allowed, gamma/gain/shift intensity jitter.
-    Rounded here (the crop down to 1/100 px, so it stays inside the background, i.e. inside the unit's area),
-    so the values stored in instances_<split>.jsonl reproduce the picture exactly."""
+    """Square crop (zoom 0.7-1 of the shorter side), flips where allowed, an intensity window (the grey levels
+    mapped to black and white) and gamma, and Gaussian noise (its sigma and its own seed). Rounded here (the
+    crop down to 1/100 px, so it stays inside the background, i.e. inside the unit's area), so the values stored
+    in instances_<split>.jsonl reproduce the picture exactly."""
     h, w = background.shape[:2]
     side = rng.uniform(0.7, 1.0) * min(h, w)
     x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
@@ -131,14 +141,16 @@ def sample_augment(background: np.ndarray, source: Source, rng: np.random.Genera
         crop=[math.floor(float(v) * 100) / 100 for v in (x0, y0, side)],
         flip_lr=bool(source.flip_lr and rng.random() < 0.5),
         flip_ud=bool(source.flip_ud and rng.random() < 0.5),
+        window=[round(rng.uniform(*WINDOW_LOW), 2), round(rng.uniform(*WINDOW_HIGH), 2)],
         gamma=round(math.exp(rng.uniform(-0.25, 0.25)), 4),
-        gain=round(rng.uniform(0.9, 1.1), 4),
-        shift=round(rng.uniform(-10, 10), 2),
+        noise=round(rng.uniform(*NOISE_SIGMA), 2),
+        noise_seed=int(rng.integers(2**31)),
     )
 
 
 def apply_augment(background: np.ndarray, size: int, params: dict) -> np.ndarray:
-    """float32 (size, size, C) picture of a background under `params` (from sample_augment)."""
+    """float32 (size, size, C) picture of a background under `params` (from sample_augment), before lesions and
+    noise: crop and zoom, flips, window, gamma."""
     x0, y0, side = params["crop"]
     image = Image.fromarray(background).resize(
         (size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side)
@@ -148,10 +160,25 @@ def apply_augment(background: np.ndarray, size: int, params: dict) -> np.ndarray
         array = array[:, ::-1]
     if params["flip_ud"]:
         array = array[::-1]
-    array = np.clip(255.0 * (array / 255.0) ** params["gamma"] * params["gain"] + params["shift"], 0, 255)
+    low, high = params["window"]
+    array = np.clip((array - low) / (high - low), 0.0, 1.0)
+    array = 255.0 * array ** params["gamma"]
     if array.ndim == 2:
         array = array[..., None]
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def add_noise(array: np.ndarray, params: dict) -> np.ndarray:
+    """The picture with the augmentation's Gaussian noise (the same on every channel, so grey stays grey)."""
+    if not params["noise"]:
+        return array
+    noise = np.random.default_rng(params["noise_seed"]).normal(0.0, params["noise"], array.shape[:2])
+    return np.clip(array + noise.astype(np.float32)[..., None], 0, 255)
+
+
+def background_picture(background: np.ndarray, size: int, params: dict) -> np.ndarray:
+    """The saved picture without its lesions: what `render` drew them onto, with the same noise."""
+    return add_noise(apply_augment(background, size, params), params)
 
 
 def _ellipse_distance(shape, cx, cy, rx, ry, angle, scale=1.0) -> np.ndarray:
@@ -254,12 +281,12 @@ def render(spec: Spec, background: np.ndarray, size: int) -> tuple[Image.Image, 
         array = apply_augment(background, size, augment)
         geometry = dict(augment=augment, contrast=None, lesions=[])
         if spec.count == 0:
-            return _to_image(array), geometry
+            return _to_image(add_noise(array, augment)), geometry
         for contrast in (spec.contrast,) if attempt < 8 else (spec.contrast, other):
             ellipses = _place(_luminance(array), spec, contrast, rng, tissue=attempt < 3 * ATTEMPTS // 4)
             if ellipses is None:
                 continue
-            image = _to_image(_draw(array, ellipses, contrast, rng))
+            image = _to_image(add_noise(_draw(array, ellipses, contrast, rng), augment))
             measured = measured_contrasts(image, ellipses, size)
             if min(measured) >= MIN_CONTRAST:
                 geometry["contrast"] = contrast

@@ -1,11 +1,13 @@
 """Question templates as data. Each row of a table is a question kind: its question type and answer type,
-the wordings, the answer function, what it asks about, whether it needs a lesion and its share of a split's
-VQA rows. `ask` turns a kind and an image into questions; `select_vqa` and `select_grpo` pick a split's
-questions, answers balanced within each kind.
+the wordings, the answer function, the statement a stated closed answer opens with, what it asks about, whether
+it needs a lesion and its share of a split's VQA rows. `ask` turns a kind and an image into questions;
+`select_vqa` and `select_grpo` pick a split's questions, answers balanced within each kind.
 
 Every random draw comes from the caller's `rnd`, in a fixed order per image and kind: the lesion reference
 (kinds that need a lesion), the asked values, then for each asked value its phrase and its wording (a kind
 with a single wording draws none). That order is part of the output: changing it changes the bytes of a build.
+Statements draw nothing: they are filled from the image's ground truth (`vocab.finding_fields`) and the
+question's own lesion reference, so "Is the nodule large?" gets "The nodule is small. No."
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from data_pipelines.medsynth.vocab import (
     MODALITY_ASKED,
     QUADRANTS,
     REGION_PHRASE,
+    UNSEEN,
     contrast_answer,
+    finding_fields,
     lesion_ref,
     quadrant,
     yes,
@@ -84,7 +88,10 @@ def region_asked(asked: str, _rnd: random.Random) -> str:
 class QuestionKind:
     """One kind of question. `wordings` are str.format templates, one drawn per question (or a mapping asked
     value -> templates); their fields: {a} (the asked value's phrase) and, for kinds that need a lesion,
-    those of `vocab.lesion_ref` ({ref} {be} {Be} {does} {it})."""
+    those of `vocab.lesion_ref` ({ref} {Ref} {be} {Be} {does} {Does} {it} {its}). `statement` (CLOSED kinds): the template
+    of the finding a stated answer states before its verdict (or a mapping asked value -> template), with the
+    fields of `vocab.finding_fields` ({modality} {region} {is} {lesions} {where} {side} {position} {size}
+    {contrast}) and the lesion reference's."""
 
     question_type: str
     answer_type: str  # OPEN, CLOSED or CHOICE
@@ -97,6 +104,11 @@ class QuestionKind:
     test_share: float | None = None  # the held-out test split's share, where it differs
     # CHOICE: every possible answer (the three distractors are drawn from the others)
     options: tuple[str, ...] = ()
+    statement: str | dict[str, str] | None = None
+
+
+SIDE_STATEMENT = "{Ref} {be} on the {side} side of the image."
+HALF_STATEMENT = "{Ref} {be} in the {position} half of the image."
 
 
 SIDE_WORDINGS = ("{Be} {ref} on the {a} side of the image?", "{Be} {ref} in the {a} half?")
@@ -151,7 +163,7 @@ VQA_QUESTIONS = (
         {
             "side": (
                 "On which side of the image {be} {ref}?",
-                "Is {ref} on the left or the right side of the image?",
+                "{Be} {ref} on the left or the right side of the image?",
             ),
             "position": (
                 "{Be} {ref} in the upper or the lower part of the image?",
@@ -177,7 +189,7 @@ VQA_QUESTIONS = (
         "OPEN",
         (
             "{Be} {ref} brighter or darker than the surrounding tissue?",
-            "Compared with its surroundings, {be} {ref} brighter or darker?",
+            "Compared with {its} surroundings, {be} {ref} brighter or darker?",
         ),
         lambda inst, _: contrast_answer(inst),
         needs_lesion=True,
@@ -192,6 +204,7 @@ VQA_QUESTIONS = (
         phrase=modality_asked,
         share=0.08,
         test_share=0.15,
+        statement="This is {modality}.",
     ),
     QuestionKind(
         "ORGAN",
@@ -201,6 +214,7 @@ VQA_QUESTIONS = (
         asks=truth_and_other("region"),
         phrase=region_asked,
         share=0.08,
+        statement="This image shows {region}.",
     ),
     QuestionKind(
         "PRES",
@@ -215,6 +229,7 @@ VQA_QUESTIONS = (
         ),
         lambda inst, _: yes(inst["count"]),
         share=0.12,
+        statement="There {is} {lesions}{where}.",
     ),
     QuestionKind(
         "COUNT",
@@ -228,6 +243,7 @@ VQA_QUESTIONS = (
         count_closed_answer,
         asks=count_asked,
         share=0.08,
+        statement="There {is} {lesions}.",
     ),
     QuestionKind(
         "POS",
@@ -237,6 +253,12 @@ VQA_QUESTIONS = (
         asks=each("left", "right", "upper", "lower"),
         needs_lesion=True,
         share=0.10,
+        statement={
+            "left": SIDE_STATEMENT,
+            "right": SIDE_STATEMENT,
+            "upper": HALF_STATEMENT,
+            "lower": HALF_STATEMENT,
+        },
     ),
     QuestionKind(
         "SIZE",
@@ -246,15 +268,17 @@ VQA_QUESTIONS = (
         asks=each("small", "large"),
         needs_lesion=True,
         share=0.05,
+        statement="{Ref} {be} {size}.",
     ),
     QuestionKind(
         "ATTRIB",
         "CLOSED",
-        ("{Be} {ref} {a} than the surrounding tissue?", "Does {ref} look {a} than its surroundings?"),
+        ("{Be} {ref} {a} than the surrounding tissue?", "{Does} {ref} look {a} than {its} surroundings?"),
         lambda inst, asked: yes(contrast_answer(inst) == asked),
         asks=each("brighter", "darker"),
         needs_lesion=True,
         share=0.05,
+        statement="{Ref} {be} {contrast} than the surrounding tissue.",
     ),
 )
 
@@ -295,8 +319,8 @@ LETTERS = "ABCD"
 
 
 def vqa_table(split: str) -> tuple[QuestionKind, ...]:
-    """VQA_QUESTIONS with the split's shares."""
-    if split != "test":
+    """VQA_QUESTIONS with the split's shares (the held-out test and unseen splits ask more modality questions)."""
+    if split not in ("test", UNSEEN):
         return VQA_QUESTIONS
     return tuple(k if k.test_share is None else replace(k, share=k.test_share) for k in VQA_QUESTIONS)
 
@@ -306,13 +330,18 @@ def vqa_table(split: str) -> tuple[QuestionKind, ...]:
 
 def ask(kind: QuestionKind, inst: dict, rnd: random.Random, vocab: dict | None) -> list[dict]:
     """The questions of one kind about one image, as candidates: instance, question_type, answer_type,
-    question, answer, asked. `vocab`: the split's observed values per key (for truth_and_other)."""
+    question, answer (the canonical short answer), statement (CLOSED kinds: the finding the question asks about,
+    true to the image), asked. `vocab`: the split's observed values per key (for truth_and_other)."""
     fields = lesion_ref(inst, rnd) if kind.needs_lesion else {}
     out = []
     for asked in kind.asks(inst, rnd, vocab):
         phrase = kind.phrase(asked, rnd)
         wordings = kind.wordings[asked] if isinstance(kind.wordings, dict) else kind.wordings
         wording = rnd.choice(wordings) if len(wordings) > 1 else wordings[0]
+        statement = None
+        if kind.statement is not None:
+            template = kind.statement[asked] if isinstance(kind.statement, dict) else kind.statement
+            statement = template.format(**finding_fields(inst), **fields)
         out.append(
             dict(
                 instance=inst,
@@ -320,6 +349,7 @@ def ask(kind: QuestionKind, inst: dict, rnd: random.Random, vocab: dict | None) 
                 answer_type=kind.answer_type,
                 question=wording.format(a=phrase, **fields),
                 answer=kind.answer(inst, asked),
+                statement=statement,
                 asked=asked,
             )
         )

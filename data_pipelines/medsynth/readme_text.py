@@ -8,9 +8,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from data_pipelines.common import format_table
-from data_pipelines.medsynth.backgrounds import SOURCES, Unit
-from data_pipelines.medsynth.vocab import SPLITS, STAGES
+from data_pipelines.medsynth.backgrounds import PACKAGE_LICENCE, SOURCES, Unit
+from data_pipelines.medsynth.vocab import SPLITS, STAGES, UNSEEN
 from medllava.schema import normalise_text, vqa_answer, vqa_question
+
+
+def short_answer(row: dict) -> str:
+    """The canonical answer of a VQA row (its verdict, for a stated CLOSED answer)."""
+    return row.get("short_answer") or vqa_answer(row)
 
 
 def text_only_baseline(train: Sequence[dict], test: Sequence[dict]) -> dict[str, float]:
@@ -18,15 +23,15 @@ def text_only_baseline(train: Sequence[dict], test: Sequence[dict]) -> dict[str,
     question, else of the same question type and answer type): how guessable the set is without the image."""
     by_question, by_type = defaultdict(Counter), defaultdict(Counter)
     for row in train:
-        by_question[normalise_text(vqa_question(row))][vqa_answer(row)] += 1
-        by_type[(row["question_type"], row["answer_type"])][vqa_answer(row)] += 1
+        by_question[normalise_text(vqa_question(row))][short_answer(row)] += 1
+        by_type[(row["question_type"], row["answer_type"])][short_answer(row)] += 1
     hits = Counter()
     for row in test:
         votes = by_question.get(normalise_text(vqa_question(row))) or by_type.get(
             (row["question_type"], row["answer_type"]), Counter({"": 1})
         )
         hits[row["answer_type"], "n"] += 1
-        hits[row["answer_type"], "hit"] += votes.most_common(1)[0][0] == vqa_answer(row)
+        hits[row["answer_type"], "hit"] += votes.most_common(1)[0][0] == short_answer(row)
     return {t: hits[t, "hit"] / hits[t, "n"] for t in ("CLOSED", "OPEN") if hits[t, "n"]}
 
 
@@ -35,15 +40,31 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
         "# medsynth: a synthetic-finding medical VQA starter set on real images",
         "",
         f"Built by `python -m data_pipelines.medsynth --out DIR --seed {args.seed} --size {args.size} "
-        f"--image-size {args.image_size}`; the same command rebuilds these files byte for byte.",
+        f"--image-size {args.image_size} --closed-answers {args.closed_answers}"
+        + (f" --train-images {args.train_images}" if getattr(args, "train_images", None) is not None else "")
+        + "`; the same command rebuilds these "
+        "files byte for byte.",
         "",
-        "Backgrounds are real images shipped by pydicom, pydicom-data, nibabel, nilearn and scikit-image; the "
-        "lesions are synthetic and are the only findings labelled. Some backgrounds carry real, unlabelled "
-        "abnormality (the 693 head CT shows subdural collections). Left/right always means the left/right of the "
-        "IMAGE as displayed (the viewer's left), not the patient's side. `instances_<split>.jsonl` holds the "
-        "ground truth of every image (source slice and area; augmentation: crop, flips, intensity jitter; each "
-        "lesion's centre and radii in pixels). A background unit (a slice or frame of a file, or a region of its "
-        "picture) belongs to one split; regions of one file do not overlap and are separated by a gap.",
+        "Backgrounds are real images shipped by "
+        + ", ".join(sorted({s.package for s in SOURCES if units_of(units, s.key)}))
+        + "; the lesions are synthetic and are the only findings labelled. Some backgrounds carry real, "
+        "unlabelled abnormality (the 693 head CT shows subdural collections). Left/right always means the "
+        "left/right of the IMAGE as displayed (the viewer's left), not the patient's side. "
+        "`instances_<split>.jsonl` holds the ground truth of every image (source slice and area; augmentation: "
+        "crop, flips, intensity window, gamma, noise; each lesion's centre and radii in pixels). A background "
+        "unit (a slice or frame of a file, or a region of its picture) belongs to one split; regions of one file "
+        "do not overlap and are separated by a gap. The `unseen` split's images come from whole files (or "
+        "volumes) that no train, val or test image was cut from.",
+        "",
+        "CLOSED VQA answers are "
+        + (
+            "stated: the finding the question asks about, then the verdict (`There is no lesion. No.`); "
+            "`medllava.prompts.extract_answer` gives the verdict"
+            if args.closed_answers == "stated"
+            else "the bare verdict (`yes` / `no`)"
+        )
+        + ". Every VQA row's `short_answer` is its canonical short answer; caption and conversation rows carry "
+        "`facts` (modality, region, lesion_count and, with lesions, side, position, quadrant, size, contrast).",
         "",
         "## Rows per split",
         "",
@@ -85,6 +106,20 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
             ],
         )
     )
+    lines += ["", "## Held out whole for the unseen split, per modality", ""]
+    unseen = defaultdict(list)
+    for s in SOURCES:
+        if s.split == UNSEEN and units_of(units, s.key):
+            unseen[s.modality].append(f"{s.key} ({s.package}: {s.relpath})")
+    lines.append(
+        format_table(
+            ["modality", "unseen sources"],
+            [[m, "; ".join(unseen[m]) or "none (one file only)"] for m in modalities],
+        )
+    )
+    packages = sorted({s.package for s in SOURCES if units_of(units, s.key)})
+    lines += ["", "## Licences of the packages used", ""]
+    lines.append(format_table(["package", "licence"], [[p, PACKAGE_LICENCE[p]] for p in packages]))
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
     lines += ["", "## Lesions per image", ""]
@@ -141,7 +176,7 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
                                 sum(
                                     r["question_type"] == q
                                     and r["answer_type"] == "CLOSED"
-                                    and vqa_answer(r) == a
+                                    and short_answer(r) == a
                                     for r in rows["vqa"][s]
                                 )
                                 for a in ("yes", "no")
@@ -154,12 +189,12 @@ def readme(args, rows: dict, instances: dict, units: Sequence[Unit], notes: Sequ
             ],
         )
     )
-    lines += ["", "## OPEN answers (train / val / test)", ""]
+    lines += ["", "## OPEN answers per split", ""]
     open_answers = defaultdict(Counter)
     for s in SPLITS:
         for r in rows["vqa"][s]:
             if r["answer_type"] == "OPEN":
-                open_answers[r["question_type"], vqa_answer(r)][s] += 1
+                open_answers[r["question_type"], short_answer(r)][s] += 1
     lines.append(
         format_table(
             ["question_type", "answer", *SPLITS],

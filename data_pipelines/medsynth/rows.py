@@ -1,6 +1,8 @@
-"""Row writing: the project-schema rows of every stage from the ground truth of the images. Captions
-(stage 1), conversations of 2-4 turns (stage 2; each turn a row of the TURNS table: wordings and an answer
-sentence), VQA rows (stage 3) and GRPO prompt rows with a verifiable `solution`, from the picked questions."""
+"""Row writing: the project-schema rows of every stage from the ground truth of the images. Captions and
+descriptions (stage 1; each with a machine-readable `facts` field for fact-recall scoring), conversations of
+2-4 turns (stage 2; each turn a row of the TURNS table: wordings and an answer sentence), VQA rows (stage 3;
+CLOSED answers stated or bare, see `vqa_rows`) and GRPO prompt rows with a verifiable `solution`, from the
+picked questions."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from data_pipelines.medsynth.vocab import (
     REGION_PHRASE,
     SOURCE_NAME,
     cap,
+    facts,
     lesion_ref,
     plural,
     quadrant,
     study_phrase,
 )
+from medllava.prompts import stated_answer
 from medllava.schema import conversation, make_vqa_row, message
 
 # --- captions (stage 1) -------------------------------------------------------------------------------------
@@ -34,6 +38,17 @@ CAPTION_INSTRUCTIONS = (
     "Briefly describe the findings in this image.",
     "Caption this medical image.",
 )
+# "Describe this image."-style requests, answered in two sentences: the study (modality and region),
+# then the findings (count, size, contrast, position), all from the ground truth.
+DESCRIBE_INSTRUCTIONS = (
+    "Describe this image.",
+    "Describe this image in a few sentences.",
+    "What do you see in this image?",
+    "Can you describe this image for me?",
+    "Please describe the image and its findings.",
+    "Tell me what this image shows.",
+)
+DESCRIBE_SHARE = 0.5  # of the caption rows
 
 
 def contrast_word(inst: dict, rnd: random.Random) -> str:
@@ -74,6 +89,17 @@ def caption(inst: dict, rnd: random.Random) -> str:
             f"{cap(study)}: {finding}.",
         )
     )
+
+
+def description(inst: dict, rnd: random.Random) -> str:
+    """'This is an MRI image of the head. There are two small hyperintense lesions in the upper left of the
+    image.' (no lesion: 'No focal lesion is seen.')."""
+    study = f"This is {study_phrase(inst)}."
+    n = inst["count"]
+    if n == 0:
+        return f"{study} {rnd.choice(('No focal lesion is seen.', 'There is no focal lesion.', 'I see no lesion.'))}"
+    findings = f"There {'is' if n == 1 else 'are'} {finding_phrase(inst, rnd)}."
+    return f"{study} {findings}"
 
 
 # --- conversations (stage 2) --------------------------------------------------------------------------------
@@ -222,16 +248,22 @@ def _meta(inst: dict) -> dict:
 
 
 def caption_rows(instances, n, split, rnd) -> list[dict]:
+    """One caption or description per row (DESCRIBE_SHARE of them "Describe this image."-style, answered in
+    sentences), with `facts`: what the answer states, machine-readable (`vocab.facts`)."""
     rows = []
     for i in range(n):
         inst = instances[i % len(instances)]
-        messages = conversation([(rnd.choice(CAPTION_INSTRUCTIONS), caption(inst, rnd))])
+        if rnd.random() < DESCRIBE_SHARE:
+            exchange = (rnd.choice(DESCRIBE_INSTRUCTIONS), description(inst, rnd))
+        else:
+            exchange = (rnd.choice(CAPTION_INSTRUCTIONS), caption(inst, rnd))
         rows.append(
             {
                 "id": f"{SOURCE_NAME}-cap-{split}-{i:05d}",
                 "images": [inst["image"]],
-                "messages": messages,
+                "messages": conversation([exchange]),
                 **_meta(inst),
+                "facts": facts(inst),
             }
         )
     return rows
@@ -249,20 +281,32 @@ def instruct_rows(instances, n, split, rnd) -> list[dict]:
                 "images": [inst["image"]],
                 "messages": conversation(dialogue(inst, rnd)),
                 **_meta(inst),
+                "facts": facts(inst),
             }
         )
     return rows
 
 
-def vqa_rows(picked, split) -> list[dict]:
+def vqa_answer_text(candidate: dict, closed_answers: str = "stated") -> str:
+    """The assistant's answer: a CLOSED question's statement then its verdict ("There is no lesion. No.") when
+    `closed_answers` is "stated", else the bare canonical answer ("no", "left", "2", "mri")."""
+    if candidate["answer_type"] == "CLOSED" and closed_answers == "stated":
+        return stated_answer(candidate["statement"], candidate["answer"])
+    return candidate["answer"]
+
+
+def vqa_rows(picked, split, closed_answers: str = "stated") -> list[dict]:
+    """VQA rows; `short_answer` is the canonical answer (what `medllava.prompts.extract_answer` gives of the
+    assistant's text, up to case)."""
     return [
         make_vqa_row(
             f"{SOURCE_NAME}-vqa-{split}-{i:05d}",
             [c["instance"]["image"]],
             c["question"],
-            c["answer"],
+            vqa_answer_text(c, closed_answers),
             c["answer_type"],
             question_type=c["question_type"],
+            short_answer=c["answer"],
             **_meta(c["instance"]),
         )
         for i, c in enumerate(picked)
