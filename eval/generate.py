@@ -5,6 +5,7 @@ Usage:
     python -m eval.generate --model M --data FILE --output P --batch-size 16 --max-new-tokens 32 --limit 100
     python -m eval.generate ... --num-shards 2 --shard-index 0   # one process per shard, separate --output files
     python -m eval.generate ... --shuffle-images 0   # image-blind control: each question gets another picture
+    python -m eval.generate ... --no-shared-prefix   # recompute every prompt in full (the slower path, same answers)
 
 One JSON line per question (id, question, answer, prediction, answer_type, question_type, modality, latency_s,
 model, ...) is appended and flushed after each batch; questions are batched grouped by answer type and length,
@@ -12,6 +13,13 @@ so lines come in that order, not the file's (latency_s is the wall time of the q
 output are skipped, and a torn last line (a kill during a write) is cut off. Shard k takes the questions whose
 index in the file is k modulo the number of shards. A suffix per answer type is appended to the question
 (e.g. "Answer yes or no."); `--no-suffix` asks the bare question. Decoding is greedy, so runs are reproducible.
+
+By default the questions about one image share the prompt prefix (system prompt, image, anything before the
+question): it runs through the model once per image and its KV cache serves every question about it
+(`medllava.generation.generate_shared`). Questions are then taken in chunks of whole images (`--prefix-chunk`
+questions at most), batched within a chunk by answer type and length; the first batch of a chunk also carries
+the chunk's prefix computation in its latency_s. The answers are those of `--no-shared-prefix`, which batches
+the full prompts over the whole shard instead.
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from medllava.assets import resolve_model
-from medllava.generation import Completion, batch_key
-from medllava.prompts import ANSWER_SUFFIXES, with_suffix
+from medllava.generation import Completion, batch_key, shared_prefix_order
+from medllava.prompts import ANSWER_SUFFIXES, extract_answer, with_suffix
 from medllava.schema import (
     SchemaError,
     infer_answer_type,
@@ -77,7 +86,8 @@ def load_questions(
         if row_id in seen:
             raise SchemaError(f"{where}: duplicate id {row_id!r} (first on line {seen[row_id]})")
         seen[row_id] = line_no
-        answer = vqa_answer(row)
+        # the gold reply may state its finding before the verdict: both sides are scored on the final answer
+        answer = extract_answer(vqa_answer(row))
         answer_type = row.get("answer_type")
         inferred = answer_type is None
         if inferred:
@@ -127,8 +137,21 @@ def shard(questions: list[Question], num_shards: int, shard_index: int) -> list[
     return [q for q in questions if q.index % num_shards == shard_index]
 
 
+def _batch_key(q: Question) -> tuple:
+    return batch_key(q.answer_type, len(q.images), q.question)
+
+
 def batch_order(questions: list[Question]) -> list[Question]:
-    return sorted(questions, key=lambda q: (batch_key(q.answer_type, len(q.images), q.question), q.index))
+    return sorted(questions, key=lambda q: (_batch_key(q), q.index))
+
+
+def shared_order(questions: list[Question], chunk_size: int) -> list[list[Question]]:
+    """Chunks of whole images (at most `chunk_size` questions; more questions about one image are split), each in
+    batch order: the prefixes of a chunk's images are computed once and kept while its batches run."""
+    chunks = shared_prefix_order(
+        [tuple(q.images) for q in questions], [_batch_key(q) for q in questions], chunk_size
+    )
+    return [[questions[i] for i in chunk] for chunk in chunks]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +246,40 @@ def answer_batch(model, processor, batch: list[Question], max_new_tokens: int, m
     return [rows[q.id] for q in batch]
 
 
+def answer_shared(
+    model, processor, chunk: list[Question], batch_size: int, max_new_tokens: int, model_name: str
+) -> Iterator[list[dict]]:
+    """Answer a chunk of questions with shared prefixes, yielding each batch's rows; each image file is loaded once,
+    and the questions whose images do not load come first as error rows (scored as wrong, counted)."""
+    from medllava.generation import generate_shared
+    from medllava.processing import ImageLoadError, load_image
+
+    loaded, errors, examples, ok = {}, [], [], []
+    for q in chunk:
+        try:
+            for path in q.images:
+                if path not in loaded:
+                    loaded[path] = load_image(path)
+        except ImageLoadError as e:
+            errors.append(error_row(q, str(e), model_name))
+            continue
+        examples.append({"images": [loaded[p] for p in q.images], "messages": q.messages})
+        ok.append(q)
+    if errors:
+        yield errors
+    start = time.perf_counter()
+    for first, completions in generate_shared(
+        model, processor, examples, images_loaded=True, batch_size=batch_size, max_new_tokens=max_new_tokens
+    ):
+        latency = time.perf_counter() - start
+        batch = ok[first : first + len(completions)]
+        yield [
+            prediction_row(q, c, latency, len(batch), model_name)
+            for q, c in zip(batch, completions, strict=True)
+        ]
+        start = time.perf_counter()
+
+
 def run(args: argparse.Namespace) -> dict:
     from medllava.generation import load
 
@@ -260,15 +317,28 @@ def run(args: argparse.Namespace) -> dict:
     errors = 0
     if todo:
         model, processor = load(str(model_dir), dtype=args.dtype, device=args.device)
+        if args.shared_prefix:
+            batches = (
+                rows
+                for chunk in shared_order([q for q in mine if q.id not in done], args.prefix_chunk)
+                for rows in answer_shared(
+                    model, processor, chunk, args.batch_size, args.max_new_tokens, model_name
+                )
+            )
+        else:
+            batches = (
+                answer_batch(
+                    model, processor, todo[start : start + args.batch_size], args.max_new_tokens, model_name
+                )
+                for start in range(0, len(todo), args.batch_size)
+            )
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="q", desc="answering", smoothing=0.1)
         with output.open("a", encoding="utf-8") as f:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
-                rows = answer_batch(model, processor, batch, args.max_new_tokens, model_name)
+            for rows in batches:
                 errors += sum("error" in r for r in rows)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 f.flush()
-                bar.update(len(batch))
+                bar.update(len(rows))
         bar.close()
     summary = {"output": str(output), "questions": len(mine), "answered_now": len(todo),
                "already_answered": len(mine) - len(todo), "image_errors": errors}  # fmt: skip
@@ -288,7 +358,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="predictions JSONL (appended to; resumed if it exists)")
     p.add_argument("--image-root", help="directory image paths are relative to (default: the data file's)")
     p.add_argument("--model-name", help="name recorded in the 'model' field (default: the model directory)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    p.add_argument(
+        "--no-shared-prefix",
+        dest="shared_prefix",
+        action="store_false",
+        help="recompute each prompt in full instead of sharing the prefix of questions about one image",
+    )
+    p.add_argument(
+        "--prefix-chunk",
+        type=int,
+        default=64,
+        help="questions (whole images) whose prefixes are kept in memory together",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--shard-index", type=int, default=0)
@@ -302,8 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-images", type=int, metavar="SEED",
                    help="image-blind control: ask each question about another question's picture")  # fmt: skip
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        p.error("--batch-size and --max-new-tokens must be >= 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefix_chunk < 1:
+        p.error("--batch-size, --max-new-tokens and --prefix-chunk must be >= 1")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         p.error(f"--shard-index must be in [0, {args.num_shards}) and --num-shards >= 1")
     if args.limit is not None and args.limit < 1:

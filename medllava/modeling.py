@@ -378,7 +378,9 @@ def build_model(
 
     config = LlavaConfig(
         vision_config=vcfg.to_dict() | {"model_type": vcfg.model_type},
-        text_config=tcfg.to_dict() | {"model_type": tcfg.model_type},
+        # vLLM builds the language model that `text_config.architectures` names (an in-memory LLM has none)
+        text_config=tcfg.to_dict()
+        | {"model_type": tcfg.model_type, "architectures": tcfg.architectures or [type(llm_model).__name__]},
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default" if n_extra else "full",

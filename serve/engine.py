@@ -1,8 +1,12 @@
 """The model held once per process, the limits every request is checked against, and `respond`.
 
-`respond` is the one generator both the Gradio chat and the OpenAI-compatible API call; it is a thin wrapper over
-`medllava.generation.stream` (the one generation path) that makes sure an abandoned generation stops at the next
-token. `Engine` adds what a server needs around it: a `FairQueue` in front of a few generation slots.
+`Engine.respond` is the one generator both the Gradio chat and the OpenAI-compatible API call. Requests take a
+place in a `FairQueue` (arrival order, bounded) in front of `Limits.concurrency` slots; each slot is a row of one
+dynamically batched decoding loop (`medllava.batching.Batcher`): requests that arrive while others generate join
+them at the next decoding step, each with its own sampling parameters and stop conditions, and a greedy answer is
+the same as when it is asked alone. A model the batcher cannot run (a stand-in with only `generate`, a language
+model with sliding-window layers) is served one request per slot through `respond`, a thin wrapper over
+`medllava.generation.stream` that makes sure an abandoned generation stops at the next token.
 
     engine = Engine.load("~/.cache/medllava/base-112px")
     for piece in engine.respond(images, messages, SamplingParams(max_new_tokens=64)):
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from medllava.batching import Batcher, supports_batching
 from medllava.generation import SamplingParams, load, stream
 from medllava.processing import MAX_IMAGE_PIXELS, count_tokens
 
@@ -37,7 +43,7 @@ MIN_TEMPERATURE = 1e-5
 class Limits:
     """What one request may ask for; beyond any of these the API answers 4xx and the chat shows an error."""
 
-    concurrency: int = 1  # generations running at once (CPU: one or a few)
+    concurrency: int = 8  # generations running at once: rows of the decoding batch (docs/serve.md: speed)
     max_queue: int = 16  # requests allowed to wait for a slot; beyond it: 429
     max_queue_wait: float = 300.0  # seconds a request may wait for a slot; beyond it: 503
     max_body_bytes: int = 64 * 2**20  # whole HTTP request body (images travel base64-encoded: 4/3 larger)
@@ -81,6 +87,7 @@ class FairQueue:
         self._cond = threading.Condition()
         self._line: collections.deque[Ticket] = collections.deque()  # waiting, in arrival order
         self._running = 0
+        self._numbers = itertools.count()  # each ticket's place in the order of arrival
 
     @property
     def pending(self) -> int:
@@ -95,7 +102,7 @@ class FairQueue:
                     f"the server is busy: {self.pending} request(s) running or waiting, the limit is {limit} "
                     f"({self.slots} running + {self.max_waiting} queued); retry shortly"
                 )
-            ticket = Ticket(self)
+            ticket = Ticket(self, next(self._numbers))
             self._line.append(ticket)
             return ticket
 
@@ -148,10 +155,11 @@ class FairQueue:
 class Ticket:
     """A place in a `FairQueue`: "waiting", then "running" once `wait()` returns, then "closed". Released once, by
     `close()`, by leaving a `with` block, or when garbage collected (a streamed response whose client left before
-    it started never runs its generator)."""
+    it started never runs its generator). `number` is its place in the order of arrival (0, 1, 2, ...)."""
 
-    def __init__(self, queue: FairQueue):
+    def __init__(self, queue: FairQueue, number: int = 0):
         self._queue = queue
+        self.number = number
         self.state = "waiting"
 
     def wait(self, timeout: float | None = None, cancel: threading.Event | None = None) -> None:
@@ -215,7 +223,8 @@ def respond(
 
 
 class Engine:
-    """One loaded model, its limits, and the queue that bounds concurrent generation (shared by chat and API)."""
+    """One loaded model, its limits, the queue that bounds concurrent generation and the batcher that runs it
+    (shared by chat and API). `batching=None` batches whenever `medllava.batching.supports_batching(model)`."""
 
     def __init__(
         self,
@@ -225,6 +234,7 @@ class Engine:
         limits: Limits | None = None,
         source: str = "",
         aliases: Sequence[str] = (),
+        batching: bool | None = None,
     ):
         self.model, self.processor = model, processor
         self.model_id = model_id  # the name clients send as "model"
@@ -237,9 +247,13 @@ class Engine:
         # than max_prompt_tokens x this cannot fit the prompt: refused before it is tokenised.
         tokenizer = getattr(processor, "tokenizer", processor)
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
-        # torch's CPU random generator is process-global: two sampled generations running at once would draw
-        # from each other's stream and a `seed` would not reproduce. Sampled generations take this lock (greedy
-        # ones do not need it), so seeded sampling is reproducible at any concurrency.
+        if batching is None:
+            batching = supports_batching(model)
+        # one row per slot; every sampled row draws from its own seeded generator
+        self.batcher = Batcher(model, processor, max_batch=self.limits.concurrency) if batching else None
+        # Unbatched path: torch's CPU random generator is process-global, so two sampled generations running at
+        # once would draw from each other's stream and a `seed` would not reproduce. Sampled generations take this
+        # lock there (greedy ones do not need it), so seeded sampling is reproducible at any concurrency.
         self._rng = threading.Lock()
 
     @classmethod
@@ -250,6 +264,7 @@ class Engine:
         dtype: str = "float32",
         limits: Limits | None = None,
         aliases: Sequence[str] = (),
+        batching: bool | None = None,
     ) -> Engine:
         model, processor = load(str(model_dir), dtype=dtype)
         return cls(
@@ -259,6 +274,7 @@ class Engine:
             limits=limits,
             source=str(model_dir),
             aliases=(str(model_dir), *aliases),
+            batching=batching,
         )
 
     def admit(self) -> Ticket:
@@ -276,11 +292,12 @@ class Engine:
     @contextlib.contextmanager
     def slot(self, ticket: Ticket | None = None, cancel: threading.Event | None = None):
         """Hold one generation slot (admitting first unless a ticket is given); waits in line while others run,
-        at most `Limits.max_queue_wait` seconds (`QueueTimeout`), or until `cancel` is set (`Cancelled`)."""
+        at most `Limits.max_queue_wait` seconds (`QueueTimeout`), or until `cancel` is set (`Cancelled`). Yields the
+        ticket."""
         ticket = ticket or self.admit()
         with ticket:
             ticket.wait(self.limits.max_queue_wait, cancel)
-            yield
+            yield ticket
 
     def prompt_tokens(self, messages: Sequence[dict]) -> int:
         return count_tokens(self.processor, {"messages": list(messages)})
@@ -334,15 +351,21 @@ class Engine:
         usage: dict | None = None,
         ticket: Ticket | None = None,
     ) -> Iterator[str]:
-        """`respond` inside a generation slot: admitted to the queue (or `Busy`), then waiting in line for a slot.
+        """The answer inside a generation slot: admitted to the queue (or `Busy`), then waiting in line for a slot,
+        then a row of the batch (joining it in order of arrival), or a generation of its own if not batching.
 
-        `params.stop_event` both stops a running generation and withdraws a waiting one (nothing is yielded).
+        `params.stop_event` both stops a running generation (within one decoding step) and withdraws a waiting one
+        (nothing is yielded). Closing the generator early stops the generation and returns once it has stopped.
         """
         if 0 < params.temperature < MIN_TEMPERATURE:
             params = replace(params, temperature=0.0)
         try:
-            with self.slot(ticket, params.stop_event):
+            with self.slot(ticket, params.stop_event) as held:
                 if params.stop_event is not None and params.stop_event.is_set():
+                    return
+                if self.batcher is not None:
+                    example = {"images": list(images), "messages": list(messages)}
+                    yield from self.batcher.stream(example, params, usage=usage, order=held.number)
                     return
                 with self._rng if params.temperature > 0 else contextlib.nullcontext():
                     yield from respond(self.model, self.processor, images, messages, params, usage)

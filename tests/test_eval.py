@@ -18,7 +18,7 @@ from test_metrics import ref_closed, ref_prf
 from eval import generate as gen
 from eval import score as sc
 from medllava.prompts import ANSWER_SUFFIXES
-from medllava.schema import SchemaError, make_vqa_row
+from medllava.schema import SchemaError, make_vqa_row, vqa_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -237,6 +237,17 @@ def test_suffixes_and_bad_rows(tmp_path):
     data.write_text(lines[0] + "\n" + json.dumps({"id": "x", "images": [], "messages": []}) + "\n")
     with pytest.raises(SchemaError, match="vqa.jsonl:2: messages"):
         gen.load_questions(data, None, {})
+
+
+def test_stated_gold_answers_are_scored_on_their_verdict(tmp_path):
+    data = write_vqa(tmp_path, 2)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["messages"][-1]["content"][-1]["text"] = "There is a round lesion in the liver. Yes."
+    del rows[0]["answer_type"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = gen.load_questions(data, None, {})
+    assert (first.answer, first.answer_type, first.answer_type_inferred) == ("Yes", "CLOSED", True)
+    assert second.answer == vqa_answer(rows[1])  # a short answer stays as it is
 
 
 def test_shuffled_images_never_keep_their_own_picture(tmp_path):

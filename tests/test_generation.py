@@ -1,13 +1,17 @@
-"""Batched generation equals one-by-one generation; streaming equals non-streaming; stop works."""
+"""Batched generation equals one-by-one generation; shared prefixes change nothing; streaming equals non-streaming;
+stop works."""
 
+import json
+import random
 import threading
 
 import pytest
 import torch
 from conftest import random_image, tiny_model
 
-from medllava.generation import SamplingParams, generate, stream
-from medllava.schema import message
+from medllava.generation import SamplingParams, generate, generate_shared, shared_prefix_order, stream
+from medllava.processing import encode
+from medllava.schema import conversation, make_vqa_row, message
 
 
 def _examples():
@@ -17,7 +21,9 @@ def _examples():
         "Modality?",
         "Describe the finding in the upper left quadrant of the image in detail.",
     ]
-    rows = [{"images": [random_image(i)], "messages": [message("user", q, 1)]} for i, q in enumerate(questions)]
+    rows = [
+        {"images": [random_image(i)], "messages": [message("user", q, 1)]} for i, q in enumerate(questions)
+    ]
     rows.append({"images": [], "messages": [message("user", "A text-only question?", 0)]})
     return rows
 
@@ -88,3 +94,157 @@ def test_closing_a_stream_stops_its_generation_thread(model_processor):
     next(pieces)
     pieces.close()  # a client that stops reading
     assert threading.active_count() == before  # the generation thread has ended, not left running
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared prefixes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """A tiny model whose greedy answers differ from prompt to prompt and image to image.
+
+    `tiny_model` repeats the newline it is prompted with (every answer is empty), so equality would prove nothing;
+    larger random LLM weights make each answer depend on every prompt token and on the image features.
+    """
+    model, processor = tiny_model(seed=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model, processor
+
+
+QUESTIONS = [
+    "Is there a lesion?",
+    "Which organ is shown in this image, and is it normal?",
+    "Modality?",
+    "Describe the finding in the upper left quadrant of the image in detail.",
+]
+
+
+def _many_per_image() -> list[dict]:
+    """3 images x 2-4 questions of different lengths, plus rows whose prefixes differ from their image's others."""
+    images = [random_image(i) for i in range(3)]
+    rows = [
+        {"images": [im], "messages": [message("user", q, 1)]}
+        for i, im in enumerate(images)
+        for q in QUESTIONS[: 2 + i]
+    ]
+    rows += [
+        # text only: they share the system prompt only
+        {"images": [], "messages": [message("user", "A text-only question?", 0)]},
+        {"images": [], "messages": [message("user", "Another question, longer, with no image?", 0)]},
+        # image 0 under another system prompt: a prefix of its own
+        {
+            "images": [images[0]],
+            "messages": [message("system", "Be terse."), message("user", QUESTIONS[0], 1)],
+        },
+        # image 1 with an earlier turn before the question
+        {
+            "images": [images[1]],
+            "messages": conversation([(QUESTIONS[2], "CT")]) + [message("user", "Sure?")],
+        },
+        # the same question twice about image 2, the second time from another copy of the picture
+        {"images": [images[2].copy()], "messages": [message("user", QUESTIONS[0], 1)]},
+        # two images: grouped by both pictures, in order
+        {"images": [images[1], images[0]], "messages": [message("user", "Same organ in both?", 2)]},
+    ]
+    return rows
+
+
+def _shared(model, processor, examples, batch_size, stats=None, **kwargs):
+    out = [None] * len(examples)
+    for start, completions in generate_shared(
+        model, processor, examples, batch_size=batch_size, stats=stats, **kwargs
+    ):
+        out[start : start + len(completions)] = completions
+    return out
+
+
+def test_shared_prefixes_give_the_answers_of_full_prompts(lively):
+    model, processor = lively
+    examples = _many_per_image()
+    random.Random(0).shuffle(examples)  # batches mix images, prefix lengths and text-only rows
+    alone = [generate(model, processor, [e], max_new_tokens=10)[0] for e in examples]
+    assert len({c.text for c in alone}) > len(examples) // 2  # answers differ, so equality means something
+    for batch_size in (1, 4, 64):
+        stats = {}
+        shared = _shared(model, processor, examples, batch_size, stats, max_new_tokens=10)
+        assert [c.text for c in shared] == [c.text for c in alone]
+        assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in shared] == [
+            (c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in alone
+        ]
+        # each image's prefix ran once: images 0-2, image 0 again under its own system prompt, the pair
+        assert stats["prefix_images"] == 3 + 1 + 2
+        assert all(0 < c.cached_tokens < c.prompt_tokens for c in shared)
+
+
+def test_shared_prefix_is_the_common_token_prefix(lively):
+    model, processor = lively
+    image = random_image(5)
+    examples = [{"images": [image], "messages": [message("user", q, 1)]} for q in QUESTIONS[:2]]
+    ids = [encode(processor, [e], images_loaded=True)["input_ids"][0].tolist() for e in examples]
+    common = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
+    assert model.config.image_token_id in ids[0][:common]
+    stats = {}
+    shared = _shared(model, processor, examples, 2, stats, max_new_tokens=3)
+    assert [c.cached_tokens for c in shared] == [common, common]
+    assert stats == {"prefix_tokens": common, "prefix_images": 1}
+    # a question asked alone keeps all but its last token in the prefix
+    (only,) = _shared(model, processor, examples[:1], 2, max_new_tokens=3)
+    assert only.cached_tokens == len(ids[0]) - 1
+
+
+def test_shared_prefix_order_keeps_images_whole_and_batches_by_key():
+    images = ["a", "b", "a", "c", "b", "a", "c", "c", "c"]
+    keys = [3, 1, 2, 0, 0, 1, 2, 1, 0]
+    chunks = shared_prefix_order(images, keys, chunk_size=5)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(images)))
+    assert all(len(chunk) <= 5 for chunk in chunks)
+    assert [sorted({images[i] for i in chunk}) for chunk in chunks] == [["a", "b"], ["c"]]
+    assert all([keys[i] for i in chunk] == sorted(keys[i] for i in chunk) for chunk in chunks)
+    # an image with more questions than a chunk holds is split
+    assert [len(c) for c in shared_prefix_order(["x"] * 7, [0] * 7, chunk_size=3)] == [3, 3, 1]
+    with pytest.raises(ValueError, match="chunk_size"):
+        shared_prefix_order(images, keys, chunk_size=0)
+
+
+def test_eval_generate_with_shared_prefixes_writes_the_rows_of_the_full_prompt_path(lively, tmp_path):
+    from eval import generate as gen
+
+    model, processor = lively
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        random_image(i, size=(40 + i, 36)).save(tmp_path / "images" / f"im{i}.png")
+    answers = [("yes", "CLOSED"), ("liver", "OPEN"), ("no", "CLOSED"), ("ct", "OPEN")]
+    with (tmp_path / "vqa.jsonl").open("w") as f:
+        for i in range(11):
+            question = QUESTIONS[i % 4] if i % 5 else "Is this normal?"
+            image = [] if i == 10 else [f"images/im{i % 3}.png"]
+            row = make_vqa_row(f"q{i:02d}", image, question, *answers[i % 4], modality="CT")
+            f.write(json.dumps(row) + "\n")
+
+    def run(output, *extra):
+        data = str(tmp_path / "vqa.jsonl")
+        args = ["--model", str(model_dir), "--data", data, "--output", str(output), "--max-new-tokens", "6"]
+        summary = gen.run(gen.parse_args([*args, "--batch-size", "3", *extra]))
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        return summary, {
+            r["id"]: {k: v for k, v in r.items() if k not in ("latency_s", "batch_size")} for r in rows
+        }
+
+    _, plain = run(tmp_path / "plain.jsonl", "--no-shared-prefix")
+    assert len({r["prediction"] for r in plain.values()}) > 3
+    _, shared = run(tmp_path / "shared.jsonl", "--prefix-chunk", "4")
+    assert shared == plain
+    # resumable: a file cut after its first lines is completed with the same rows
+    cut = tmp_path / "resumed.jsonl"
+    cut.write_text("".join((tmp_path / "shared.jsonl").read_text().splitlines(keepends=True)[:4]))
+    summary, resumed = run(cut, "--prefix-chunk", "4")
+    assert summary["answered_now"] == 7 and resumed == plain

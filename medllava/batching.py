@@ -1,0 +1,550 @@
+"""Dynamic batching of streamed generations: requests that arrive while others run join them at the next step.
+
+    batcher = Batcher(model, processor, max_batch=8)
+    generation = batcher.submit({"images": [image], "messages": messages}, SamplingParams(max_new_tokens=64))
+    for piece in generation:                       # text pieces, detokenised in the caller's thread
+        print(piece, end="")
+    generation.usage                               # {"prompt_tokens", "completion_tokens", "finish_reason"}
+
+One worker thread (started when a request comes, gone when none is left) owns the running batch: a transformers
+`DynamicCache` of shape (rows, kv_heads, T, head_dim) in which every row is left-padded, the attention mask
+(rows, T) marking each row's real tokens, and the last token sampled for each row. Each turn of its loop:
+
+1. rows whose request was withdrawn (`SamplingParams.stop_event` set, or the consumer closed its iterator) leave;
+2. waiting requests join in arrival order (`order`, e.g. the server's queue ticket number), as many as there are
+   free rows and the prefill budget allows: they are prefilled together, left-padded, with their images, in a cache
+   of their own; each one's first token comes from its prefill logits; then their cache and the batch's are
+   left-padded to the same length and concatenated along the batch;
+3. one decoding step for all rows: input (rows, 1), each row's position = its real tokens so far, mask + 1 column;
+   each row samples with its own parameters and its own `torch.Generator` (greedy: argmax);
+4. rows that ended (an end-of-turn token, max tokens) leave, and columns that are padding in every remaining row
+   are cut off the cache.
+
+Every row sees exactly the tokens and positions of its own unpadded prompt (padding is masked out and positions
+come from the mask), so a greedy answer under load equals the answer given alone, and a seeded sampled one too
+(each row draws from its own generator, seeded as `medllava.generation.generate` seeds torch's); tested in
+tests/test_batching.py. Sampling applies transformers' own warpers in `generate`'s order (temperature, top-k from
+the model's generation config or transformers' default of 50, top-p) and `torch.multinomial`, as `generate` does.
+
+Text is detokenised incrementally in the consumer's thread (a short window of ids is decoded, as vLLM does), so
+the worker only runs the model: no streamer thread, no per-token decoding of the whole answer in the loop.
+Tried first: transformers' continuous batching (`generate_batch`, `ContinuousBatchingManager`) takes token ids
+only (no pixel values, no input embeddings), so it cannot run a Llava model with images (docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from medllava.generation import SamplingParams, _end_ids
+from medllava.processing import encode
+
+_END = object()  # the last item a generation's queue receives
+
+
+def supports_batching(model) -> bool:
+    """Whether `Batcher` can run this model: a torch module whose language model uses full attention in every
+    layer (the cache surgery here assumes plain `DynamicLayer`s; sliding-window layers would need more)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        return False
+    text = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    return kinds == {"full_attention"} and not getattr(text, "sliding_window", None)
+
+
+class Detokenizer:
+    """Text pieces from a growing list of token ids, each decoded once within a short window.
+
+    The text of the ids from `prefix` to `read` has been emitted; new ids are decoded together with that window and
+    the difference is the new piece (vLLM's incremental detokenisation). A piece ending in U+FFFD (a character cut
+    between byte-level tokens) waits for the next id. The first piece loses its leading whitespace, as in `stream`.
+    """
+
+    def __init__(self, tokenizer, lock: threading.Lock | None = None):
+        self.tokenizer, self.lock = tokenizer, lock or threading.Lock()
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.started = False
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, ids: Sequence[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if (text.endswith("\ufffd") and not final) or len(text) <= len(before):
+            return ""
+        piece = text[len(before) :]
+        # the next window starts at the ids just emitted (a character boundary): cleanup rules see their neighbour
+        self.prefix, self.read = self.read, len(self.ids)
+        if not self.started:  # the first piece loses its leading whitespace, as in `generation.stream`
+            piece, self.started = piece.lstrip(), True
+        return piece
+
+
+def _roomy_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views of buffers with room to spare along the sequence: a
+        decoding step writes its position in place, where `DynamicLayer.update` copies the whole cache
+        (`torch.cat`) at every step, rows x length x layers. Anything that replaces `keys`/`values` (rows leaving
+        or joining) simply gets a new buffer at the next update."""
+
+        room = 64  # positions added whenever a buffer is (re)allocated
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            buffer = getattr(self, "_buffers", None)
+            if buffer is None or not self._in(buffer[0], self.keys, length + new, key_states):
+                shape = (*key_states.shape[:2], length + new + self.room, key_states.shape[-1])
+                buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+                if length:
+                    buffer[0][:, :, :length] = self.keys
+                    buffer[1][:, :, :length] = self.values
+                self._buffers = buffer
+            buffer[0][:, :, length : length + new] = key_states
+            buffer[1][:, :, length : length + new] = value_states
+            self.keys, self.values = buffer[0][:, :, : length + new], buffer[1][:, :, : length + new]
+            return self.keys, self.values
+
+        @staticmethod
+        def _in(buffer: torch.Tensor, keys: torch.Tensor, needed: int, new: torch.Tensor) -> bool:
+            """Whether `keys` is the start of `buffer` and the buffer holds `needed` positions of `new`'s rows."""
+            return (
+                buffer.shape[:2] == new.shape[:2]
+                and buffer.shape[-2] >= needed
+                and (
+                    keys.numel() == 0
+                    or (keys.data_ptr() == buffer.data_ptr() and keys.stride() == buffer.stride())
+                )
+            )
+
+    return RoomyLayer
+
+
+_ROOMY = None
+
+
+def new_cache(config):
+    """A `DynamicCache` for `config` whose layers grow in place (`RoomyLayer`) instead of by `torch.cat`."""
+    global _ROOMY
+    from transformers import DynamicCache
+
+    _ROOMY = _ROOMY or _roomy_layer_class()
+    cache = DynamicCache(config=config)
+    cache.layers = [_ROOMY() for _ in cache.layers]
+    return cache
+
+
+@dataclass
+class _Prompt:
+    ids: torch.Tensor  # (L,) token ids, image tokens expanded
+    pixels: torch.Tensor | None  # (n_images, 3, H, W) or None
+
+
+class Generation:
+    """One request's handle: iterate it for text pieces; `usage` is filled when it ends. Closing the iterator early
+    (or `cancel()`) withdraws the request and returns once the worker has dropped its row."""
+
+    def __init__(self, batcher: Batcher, prompt: _Prompt, params: SamplingParams, order: float):
+        self.batcher, self.prompt, self.params, self.order = batcher, prompt, params, order
+        self.stop = params.stop_event or threading.Event()
+        self.items: queue.SimpleQueue = queue.SimpleQueue()  # lists of token ids, then _END
+        self.done = threading.Event()  # set once the worker holds no state for it
+        self.usage: dict = {}
+        self.error: BaseException | None = None
+        self.ids: list[
+            int
+        ] = []  # the answer's token ids (end-of-turn token excluded), filled by the consumer
+
+    def __iter__(self) -> Iterator[str]:
+        detok = Detokenizer(self.batcher.tokenizer, self.batcher.tokenizer_lock)
+        finished = False
+        try:
+            ended = False
+            while not ended:
+                new, item = [], self.items.get()
+                while True:  # everything that has arrived, decoded at once
+                    if item is _END:
+                        ended = True
+                        break
+                    new += item
+                    try:
+                        item = self.items.get_nowait()
+                    except queue.Empty:
+                        break
+                self.ids += new
+                piece = detok.add(new, final=ended)
+                if piece:
+                    yield piece
+            if self.error is not None:
+                raise self.error
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Withdraw the request; returns when its row has left the batch (within one decoding step)."""
+        self.stop.set()
+        self.batcher._withdraw(self)
+        self.done.wait()
+        self.batcher._join_if_idle()
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+@dataclass
+class _Row:
+    gen: Generation
+    generator: torch.Generator | None  # None: greedy
+    warpers: list = field(default_factory=list)
+    produced: int = 0  # tokens sampled so far (end-of-turn included)
+
+
+class Batcher:
+    """Runs submitted generations in one dynamically batched decoding loop (see the module docstring).
+
+    `max_batch` bounds the rows decoded together; `prefill_tokens` bounds the prompt tokens prefilled in one turn
+    of the loop (at least one request joins per turn), so requests arriving together do not stall the running
+    streams for all their prefills at once, and the first in line gets its first token first.
+    """
+
+    def __init__(self, model, processor, max_batch: int = 8, prefill_tokens: int = 512):
+        if max_batch < 1 or prefill_tokens < 1:
+            raise ValueError("a Batcher needs max_batch >= 1 and prefill_tokens >= 1")
+        if not supports_batching(model):
+            raise ValueError(f"{type(model).__name__} cannot be batched here (see supports_batching)")
+        self.model, self.processor = model, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # fast tokenizers refuse concurrent use while padding settings change (encode sets them): one lock
+        self.tokenizer_lock = threading.Lock()
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.end_ids = frozenset(_end_ids(model, processor))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        config = model.generation_config
+        self.top_k = getattr(config, "top_k", None)
+        self.top_k = 50 if self.top_k is None else self.top_k  # transformers' default for sampling
+        self._lock = threading.Lock()
+        self._pending: list[Generation] = []
+        self._thread: threading.Thread | None = None
+        self._arrivals = itertools.count()
+        # the running batch (worker thread only)
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (rows, T) long, 1 = a real token
+        self._last: torch.Tensor | None = None  # (rows, 1) the token each row feeds next
+        self.steps = 0  # decoding steps run (for tests and benchmarks)
+        self.prefills = 0
+        # seconds spent prefilling and decoding, and rows decoded summed over all steps (for benchmarks)
+        self.timings = {"prefill": 0.0, "decode": 0.0, "rows": 0}
+
+    # -- the caller's side ------------------------------------------------------------------------------------
+
+    def encode(self, example: dict, images_loaded: bool = True) -> _Prompt:
+        with self.tokenizer_lock:
+            batch = encode(self.processor, [example], add_generation_prompt=True, images_loaded=images_loaded)
+        pixels = batch.get("pixel_values")
+        extra = set(batch.keys()) - {"input_ids", "attention_mask", "pixel_values"}
+        if extra:
+            raise ValueError(f"the processor returned inputs the batcher does not pass on: {sorted(extra)}")
+        return _Prompt(batch["input_ids"][0], None if pixels is None else pixels.to(self.model.dtype))
+
+    def submit(
+        self,
+        example: dict,
+        params: SamplingParams,
+        images_loaded: bool = True,
+        order: float | None = None,
+    ) -> Generation:
+        """Queue one {"images", "messages"} example; it joins the batch at the next turn of the loop, after every
+        waiting request with a smaller `order` (default: submission order)."""
+        prompt = self.encode(example, images_loaded)
+        with self._lock:
+            number = next(self._arrivals)
+            generation = Generation(self, prompt, params, number if order is None else order)
+            self._pending.append(generation)
+            self._pending.sort(key=lambda g: g.order)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="medllava-batcher", daemon=True)
+                self._thread.start()
+        return generation
+
+    def stream(
+        self, example: dict, params: SamplingParams, usage: dict | None = None, **kwargs
+    ) -> Iterator[str]:
+        """`submit` and yield its pieces; `usage` (a dict) is filled at the end (prompt_tokens, completion_tokens,
+        finish_reason), as `generation.stream` fills it, and also when the consumer stops early."""
+        generation = self.submit(example, params, **kwargs)
+        try:
+            yield from generation
+        finally:  # also when the consumer stops early: the worker has filled in what it generated
+            if usage is not None:
+                usage.update(generation.usage)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def _withdraw(self, gen: Generation) -> None:
+        """A request that has not joined yet leaves the line at once (one that runs leaves at the next step)."""
+        with self._lock:
+            if gen not in self._pending:
+                return
+            self._pending.remove(gen)
+        gen.usage.update(prompt_tokens=len(gen.prompt.ids), completion_tokens=0, finish_reason="stop")
+        self._finish(gen)
+
+    def _join_if_idle(self) -> None:
+        """Wait for the worker to exit if nothing is left for it, so a caller that has closed the last generation
+        leaves no thread behind; returns at once if other requests keep it busy."""
+        while True:
+            with self._lock:
+                thread = self._thread
+                busy = bool(self._pending or self._rows)
+            if thread is None or busy or thread is threading.current_thread():
+                return
+            thread.join(0.01)
+
+    # -- the worker -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    self._drop_withdrawn()
+                    with self._lock:
+                        joiners = self._take_joiners()
+                        if not joiners and not self._rows:
+                            self._thread = None
+                            self._reset()
+                            return
+                    if joiners:
+                        self._prefill(joiners)
+                    if self._rows:
+                        self._decode()
+        except BaseException as error:  # noqa: BLE001 - every waiting consumer gets the error, none hangs
+            with self._lock:
+                everyone = [row.gen for row in self._rows] + self._pending
+                self._pending = []
+                self._rows = []
+                self._reset()
+                self._thread = None
+            for gen in everyone:
+                self._finish(gen, error)
+
+    def _take_joiners(self) -> list[Generation]:  # with self._lock held
+        free = self.max_batch - len(self._rows)
+        joiners, tokens = [], 0
+        while self._pending and len(joiners) < free:
+            gen = self._pending[0]
+            if joiners and tokens + len(gen.prompt.ids) > self.prefill_tokens:
+                break
+            self._pending.pop(0)
+            if gen.stop.is_set():  # withdrawn while it waited: never runs
+                gen.usage.update(prompt_tokens=len(gen.prompt.ids), completion_tokens=0, finish_reason="stop")
+                self._finish(gen)
+                continue
+            joiners.append(gen)
+            tokens += len(gen.prompt.ids)
+        return joiners
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._last = [], None, None, None
+
+    @staticmethod
+    def _finish(gen: Generation, error: BaseException | None = None) -> None:
+        gen.error = error
+        gen.items.put(_END)
+        gen.done.set()
+
+    def _new_row(self, gen: Generation) -> _Row:
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        params = gen.params
+        if params.temperature <= 0:
+            return _Row(gen, None)
+        generator = torch.Generator(device=self.model.device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        warpers = []
+        if params.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(top_k=self.top_k))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        return _Row(gen, generator, warpers)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row from its last-position logits (rows, vocab), each with its own parameters."""
+        logits = logits.to(torch.float32)
+        tokens = logits.argmax(-1).tolist()  # greedy rows
+        for r, row in enumerate(rows):
+            if row.generator is None:
+                continue
+            scores = logits[r : r + 1]
+            for warper in row.warpers:
+                scores = warper(None, scores)
+            probs = torch.softmax(scores, dim=-1)
+            tokens[r] = int(torch.multinomial(probs, num_samples=1, generator=row.generator))
+        return tokens
+
+    def _emit(self, rows: list[_Row], tokens: list[int]) -> list[bool]:
+        """Hand each row's token to its consumer; True for rows that have now ended."""
+        ended = []
+        for row, token in zip(rows, tokens, strict=True):
+            row.produced += 1
+            stop = token in self.end_ids
+            if not stop:
+                row.gen.items.put([token])
+            length = row.produced >= row.gen.params.max_new_tokens
+            if stop or length:
+                row.gen.usage.update(
+                    prompt_tokens=len(row.gen.prompt.ids),
+                    completion_tokens=row.produced,
+                    finish_reason="stop" if stop else "length",
+                )
+            ended.append(stop or length)
+        return ended
+
+    def _drop_withdrawn(self) -> None:
+        gone = [i for i, row in enumerate(self._rows) if row.gen.stop.is_set()]
+        for i in gone:
+            row = self._rows[i]
+            row.gen.usage.update(
+                prompt_tokens=len(row.gen.prompt.ids), completion_tokens=row.produced, finish_reason="stop"
+            )
+        self._remove(gone)
+
+    def _remove(self, indices: list[int]) -> None:
+        """Drop rows from the batch, then the columns that are padding in every row left."""
+        if not indices:
+            return
+        leaving = [self._rows[i].gen for i in indices]
+        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        with self._lock:
+            self._rows = [self._rows[i] for i in keep]
+            if not keep:
+                self._cache, self._mask, self._last = None, None, None
+            else:
+                index = torch.tensor(keep, device=self._mask.device)
+                mask = self._mask[index]
+                cut = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+                self._mask, self._last = mask[:, cut:], self._last[index]
+                for layer in self._cache.layers:
+                    layer.keys = layer.keys[index, :, cut:]
+                    layer.values = layer.values[index, :, cut:]
+        for gen in leaving:
+            self._finish(gen)
+
+    def _prefill(self, joiners: list[Generation]) -> None:
+        device = self.model.device
+        longest = max(len(g.prompt.ids) for g in joiners)
+        ids = torch.full((len(joiners), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joiners), longest), dtype=torch.long)
+        for r, gen in enumerate(joiners):  # left padding
+            n = len(gen.prompt.ids)
+            ids[r, longest - n :] = gen.prompt.ids
+            mask[r, longest - n :] = 1
+        pixels = [g.prompt.pixels for g in joiners if g.prompt.pixels is not None]
+        positions = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # (J, L): each row counts from 0 at its first real token
+        cache = new_cache(self.model.config)
+        start = time.perf_counter()
+        try:
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                pixel_values=torch.cat(pixels).to(device) if pixels else None,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as error:  # noqa: BLE001 - only the joiners fail; the running rows go on
+            for gen in joiners:
+                self._finish(gen, error)
+            return
+        self.prefills += 1
+        self.timings["prefill"] += time.perf_counter() - start
+        rows = [self._new_row(g) for g in joiners]
+        tokens = self._sample(rows, out.logits[:, -1])
+        ended = self._emit(rows, tokens)
+        stay = [r for r, e in enumerate(ended) if not e]
+        for r, e in enumerate(ended):
+            if e:
+                self._finish(rows[r].gen)
+        if not stay:
+            return
+        index = torch.tensor(stay, device=device)
+        mask, last = mask.to(device)[index], torch.tensor([[tokens[r]] for r in stay], device=device)
+        cut = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        mask = mask[:, cut:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
+        with self._lock:
+            if not self._rows:
+                self._cache, self._mask, self._last = cache, mask, last
+            else:
+                self._merge(cache, mask, last)
+            self._rows += [rows[r] for r in stay]
+
+    def _merge(self, cache, mask: torch.Tensor, last: torch.Tensor) -> None:
+        """Append the joiners' rows to the batch: both left-padded to the longer length, then concatenated."""
+        have, new = self._mask.shape[1], mask.shape[1]
+        length = max(have, new)
+        self._mask = torch.cat([F.pad(self._mask, (length - have, 0)), F.pad(mask, (length - new, 0))])
+        self._last = torch.cat([self._last, last])
+        for ours, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            # (rows, kv_heads, T, head_dim): pad dim -2 on the left
+            ours.keys = torch.cat(
+                [F.pad(ours.keys, (0, 0, length - have, 0)), F.pad(theirs.keys, (0, 0, length - new, 0))]
+            )
+            ours.values = torch.cat(
+                [F.pad(ours.values, (0, 0, length - have, 0)), F.pad(theirs.values, (0, 0, length - new, 0))]
+            )
+
+    def _decode(self) -> None:
+        rows = list(self._rows)
+        positions = self._mask.sum(1, keepdim=True)  # (rows, 1): the new token's position in its own sequence
+        mask = F.pad(self._mask, (0, 1), value=1)
+        start = time.perf_counter()
+        out = self.model(
+            input_ids=self._last,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self.steps += 1
+        self.timings["decode"] += time.perf_counter() - start
+        self.timings["rows"] += len(rows)
+        self._mask = mask
+        tokens = self._sample(rows, out.logits[:, -1])
+        self._last = torch.tensor([[t] for t in tokens], device=self._mask.device)
+        ended = self._emit(rows, tokens)
+        self._remove([r for r, e in enumerate(ended) if e])
