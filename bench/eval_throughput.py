@@ -2,16 +2,17 @@
 
 Usage:
     .venv/bin/python -m bench.eval_throughput [--questions 48] [--images 6] [--per-image 10] [--batch-size 16]
-        [--prefix-chunk 64] [--max-new-tokens 12] [--model base] [--data data/medsynth/vqa_test.jsonl] [--dtype float32]
+        [--shared-batch-size 32] [--prefix-chunk 64] [--max-new-tokens 12] [--model base]
+        [--data data/medsynth/vqa_test.jsonl] [--dtype float32]
 
 Two question sets from --data (synthetic random-image questions if it does not exist):
-- "medsynth": every question about the first images of the file (in file order) until --questions are taken, the
-  way eval.generate groups a test split (medsynth test: 600 questions about 248 images, 2.4 per image);
+- the test split as eval.generate groups it: every question about images drawn at random (seed 0) until
+  --questions are taken (medsynth test: 600 questions about 248 images, 2.4 per image);
 - "N per image": --images images each asked --per-image questions: its own questions, then the next distinct
   questions of the file (with their answer types and suffixes), like SLAKE's ~11 questions per image.
 Each set is answered with the default base model on CPU three ways: one at a time, in batches of --batch-size in
-eval.generate's order (`--no-shared-prefix`), and with shared prefixes (eval.generate's default: each image's
-prefix computed once, chunks of --prefix-chunk questions). The table gives questions/s, the speedups (over one at a
+eval.generate's order (`--no-shared-prefix`, today's way), and with shared prefixes in batches of
+--shared-batch-size (eval.generate's default: each image's prefix computed once, chunks of --prefix-chunk). The table gives questions/s, the speedups (over one at a
 time and over batching, measured in this run), whether the answers equal the one-at-a-time answers, the generated
 tokens/s, the 1-minute load average after the row, and the work done as a fraction of a 2-thread GEMM measured in
 the same run: FLOPs are 2 x weights x tokens of the matrix products that run (attention ignored), a shared prefix
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import time
 from pathlib import Path
 
@@ -96,11 +98,14 @@ def data_sets(path: Path, n_questions: int, n_images: int, per_image: int) -> di
         messages = prompt_messages(row) if row["images"][0] == image_path else None
         return _example(loaded[image_path], image_path, vqa_question(row), answer_type, messages)
 
-    grouped = []
-    for image_path, questions in by_image.items():
+    grouped, drawn = [], list(by_image)
+    random.Random(0).shuffle(
+        drawn
+    )  # images early in the file tend to have more questions: draw them at random
+    for image_path in drawn:
         if len(grouped) >= n_questions:
             break
-        grouped += [example(image_path, row) for row in questions]
+        grouped += [example(image_path, row) for row in by_image[image_path]]
     many = []
     for k, (image_path, own) in enumerate(list(by_image.items())[:n_images]):
         chosen, texts = [], set()
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=48, help="size of the first set (whole images)")
     p.add_argument("--images", type=int, default=6, help="images of the second set")
     p.add_argument("--per-image", type=int, default=10, help="questions per image of the second set")
-    p.add_argument("--batch-size", type=int, default=16, help="eval.generate's --batch-size")
+    p.add_argument("--batch-size", type=int, default=16, help="eval.generate --no-shared-prefix's batch size")
+    p.add_argument("--shared-batch-size", type=int, default=32, help="eval.generate's batch size")
     p.add_argument("--prefix-chunk", type=int, default=64, help="eval.generate's --prefix-chunk")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -231,19 +237,19 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, work = [], []
     for name, examples in sets.items():
-        n, bs = len(examples), args.batch_size
-        one_s, one = answer_all(model, processor, examples, 1, args.max_new_tokens)
-        batched_s, batched = answer_all(model, processor, examples, bs, args.max_new_tokens)
-        load_batched = os.getloadavg()[0]
+        n, bs, sbs = len(examples), args.batch_size, args.shared_batch_size
+        runs = []  # (mode, seconds, completions, load average right after, shared-prefix stats)
+        seconds, out = answer_all(model, processor, examples, 1, args.max_new_tokens)
+        runs.append(("one at a time (model_vqa)", seconds, out, os.getloadavg()[0], None))
+        seconds, out = answer_all(model, processor, examples, bs, args.max_new_tokens)
+        runs.append((f"batched {bs} (--no-shared-prefix)", seconds, out, os.getloadavg()[0], None))
         stats: dict = {}
-        shared_s, shared = answer_shared(
-            model, processor, examples, bs, args.prefix_chunk, args.max_new_tokens, stats
+        seconds, out = answer_shared(
+            model, processor, examples, sbs, args.prefix_chunk, args.max_new_tokens, stats
         )
-        for mode, seconds, out, loadavg, shared_stats in (
-            ("one at a time (model_vqa)", one_s, one, None, None),
-            (f"batched {bs} (--no-shared-prefix)", batched_s, batched, load_batched, None),
-            (f"shared prefixes {bs}", shared_s, shared, None, stats),
-        ):
+        runs.append((f"shared prefixes {sbs}", seconds, out, os.getloadavg()[0], stats))
+        (_, one_s, one, *_), (_, batched_s, *_) = runs[:2]
+        for mode, seconds, out, loadavg, shared_stats in runs:
             same = "-" if out is one else "yes" if [c.text for c in out] == [c.text for c in one] else "NO"
             rows.append(
                 [
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{batched_s / seconds:.2f}x",
                     same,
                     f"{sum(c.completion_tokens for c in out) / seconds:.1f}",
-                    f"{loadavg if loadavg is not None else os.getloadavg()[0]:.1f}",
+                    f"{loadavg:.1f}",
                 ]
             )
             work.append(flops(model, processor, out, shared_stats) / seconds)
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"model {model_dir} ({args.dtype}), greedy, max_new_tokens {args.max_new_tokens}, batch size "
-        f"{args.batch_size}, prefix chunk {args.prefix_chunk}, {torch.get_num_threads()} threads"
+        f"{args.batch_size} (shared prefixes: {args.shared_batch_size}, chunks of {args.prefix_chunk} questions), "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"GEMM limit measured now: {gflops_limit:.0f} GFLOP/s before, {gflops_after:.0f} after ({args.dtype}; "

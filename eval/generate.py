@@ -358,7 +358,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="predictions JSONL (appended to; resumed if it exists)")
     p.add_argument("--image-root", help="directory image paths are relative to (default: the data file's)")
     p.add_argument("--model-name", help="name recorded in the 'model' field (default: the model directory)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="questions answered together (default: 32, or 16 with --no-shared-prefix)",
+    )
     p.add_argument(
         "--no-shared-prefix",
         dest="shared_prefix",
@@ -384,6 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-images", type=int, metavar="SEED",
                    help="image-blind control: ask each question about another question's picture")  # fmt: skip
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.shared_prefix else 16
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefix_chunk < 1:
         p.error("--batch-size, --max-new-tokens and --prefix-chunk must be >= 1")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:

@@ -223,10 +223,14 @@ class Batcher:
 
     `max_batch` bounds the rows decoded together; `prefill_tokens` bounds the prompt tokens prefilled in one turn
     of the loop (at least one request joins per turn), so requests arriving together do not stall the running
-    streams for all their prefills at once, and the first in line gets its first token first.
+    streams for all their prefills at once, and the first in line gets its first token first. With `prefix_cache`
+    the keys and values of the chat template's fixed opening (the system prompt, about a third of a one-image
+    prompt) are computed once and every prompt that starts with it prefills only the rest.
     """
 
-    def __init__(self, model, processor, max_batch: int = 8, prefill_tokens: int = 512):
+    def __init__(
+        self, model, processor, max_batch: int = 8, prefill_tokens: int = 512, prefix_cache: bool = True
+    ):
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError("a Batcher needs max_batch >= 1 and prefill_tokens >= 1")
         if not supports_batching(model):
@@ -250,6 +254,9 @@ class Batcher:
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, T) long, 1 = a real token
         self._last: torch.Tensor | None = None  # (rows, 1) the token each row feeds next
+        # the chat template's fixed opening (its system prompt): computed once, reused by every prompt that has it
+        self.prefix_ids = self._template_prefix() if prefix_cache else []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = 0  # decoding steps run (for tests and benchmarks)
         self.prefills = 0
         # seconds spent prefilling and decoding, and rows decoded summed over all steps (for benchmarks)
@@ -460,22 +467,60 @@ class Batcher:
         for gen in leaving:
             self._finish(gen)
 
-    def _prefill(self, joiners: list[Generation]) -> None:
-        device = self.model.device
-        longest = max(len(g.prompt.ids) for g in joiners)
-        ids = torch.full((len(joiners), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joiners), longest), dtype=torch.long)
-        for r, gen in enumerate(joiners):  # left padding
-            n = len(gen.prompt.ids)
-            ids[r, longest - n :] = gen.prompt.ids
-            mask[r, longest - n :] = 1
-        pixels = [g.prompt.pixels for g in joiners if g.prompt.pixels is not None]
-        positions = (mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # (J, L): each row counts from 0 at its first real token
+    def _template_prefix(self) -> list[int]:
+        """The token ids every prompt without a system message starts with (the chat template's system prompt and
+        the opening of the user turn): the common prefix of two prompts that differ only in the user's text."""
+        ids = [
+            self.encode(
+                {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+            ).ids.tolist()
+            for text in ("a", "b")
+        ]
+        n = next((i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), 0)
+        return [] if self.model.config.image_token_id in ids[0][:n] else ids[0][:n]
+
+    def _prefix_cache(self, rows: int):
+        """A cache holding the template prefix's keys and values for `rows` rows (computed once)."""
+        if self._prefix_kv is None:
+            cache = new_cache(self.model.config)
+            ids = torch.tensor([self.prefix_ids], device=self.model.device)
+            self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)  # no LM head needed
+            self._prefix_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         cache = new_cache(self.model.config)
+        for layer, (keys, values) in zip(cache.layers, self._prefix_kv, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+        return cache
+
+    def _prefill(self, joiners: list[Generation]) -> None:
+        """Prefill the joiners, those whose prompt starts with the template prefix from its cached keys and
+        values, the others in full; then sample their first tokens and merge them into the batch."""
+        p = len(self.prefix_ids)
+        cached = [g for g in joiners if p and g.prompt.ids[:p].tolist() == self.prefix_ids]
+        full = [g for g in joiners if not (p and g.prompt.ids[:p].tolist() == self.prefix_ids)]
+        for group, skip in ((cached, p), (full, 0)):
+            if group:
+                self._prefill_group(group, skip)
+
+    def _prefill_group(self, joiners: list[Generation], skip: int) -> None:
+        """One prefill forward for joiners whose first `skip` ids are the cached template prefix. Each row of the
+        cache is laid out [prefix][left padding][rest of its prompt]; the mask marks the padding and positions
+        come from the mask, so each row sees exactly its own prompt at its own positions."""
+        device = self.model.device
+        longest = max(len(g.prompt.ids) - skip for g in joiners)
+        ids = torch.full((len(joiners), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joiners), skip + longest), dtype=torch.long)
+        mask[:, :skip] = 1
+        for r, gen in enumerate(joiners):
+            rest = gen.prompt.ids[skip:]
+            ids[r, longest - len(rest) :] = rest
+            mask[r, skip + longest - len(rest) :] = 1
+        pixels = [g.prompt.pixels for g in joiners if g.prompt.pixels is not None]
+        # (J, longest): each row's positions count its real tokens from 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
         start = time.perf_counter()
         try:
+            cache = self._prefix_cache(len(joiners)) if skip else new_cache(self.model.config)
             out = self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

@@ -9,5 +9,5 @@ serve: ## chat + OpenAI API for any checkpoint: make serve MODEL=dir|hub-id PORT
 	$(PY) -m serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 bench-serve: BENCH_ARGS ?=
-bench-serve: ## time to first token and tokens/s of an image question streamed through the API (default model)
+bench-serve: ## streamed decode vs plain generate (fp32, bf16), answers under load, 1/4/8/16 clients batched (base)
 	$(PY) -m bench.serve_latency $(BENCH_ARGS)

@@ -148,6 +148,7 @@ class _Prefills:
 
     def __init__(self, model, processor, fail_on: int | None = None):
         self.questions: list[int] = []
+        self.lengths: list[list[int]] = []  # the ids each prefill fed, per row
         self.tokenizer, self.fail_on = processor.tokenizer, fail_on
         self.hold, self.entered = threading.Event(), threading.Event()
         self.hold.set()
@@ -159,6 +160,7 @@ class _Prefills:
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] > 1:
             for row in ids:
+                self.lengths.append(row[row != self.tokenizer.pad_token_id].tolist())
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
                 number = int(text.split("Question ")[1].split(":")[0])
                 self.questions.append(number)
@@ -216,6 +218,23 @@ def test_a_failed_prefill_fails_only_its_request(sharp):
         prefills.remove()
     assert prefills.questions == [4, 7]
     assert (running.ids, running.usage) == expected
+
+
+def test_the_cached_template_prefix_changes_no_answer(sharp):
+    model, processor = sharp
+    cached, plain = Batcher(model, processor), Batcher(model, processor, prefix_cache=False)
+    assert processor.tokenizer.decode(cached.prefix_ids).startswith("<|im_start|>system\n")
+    assert cached.prefix_ids and not plain.prefix_ids
+    prefills = _Prefills(model, processor)
+    try:
+        for i in range(6):  # with and without a system message of their own (example 0 and 5 have one)
+            assert alone(cached, i) == alone(plain, i), i
+    finally:
+        prefills.remove()
+    assert prefills.questions == [q for i in range(6) for q in (i, i)]
+    fed = [len(ids) for ids in prefills.lengths]
+    # the cached prefix is not fed again, except to prompts that do not start with it
+    assert [fed[2 * i] < fed[2 * i + 1] for i in range(6)] == [i % 5 != 0 for i in range(6)]
 
 
 def test_detokenizer_pieces_join_to_the_decoded_text(tiny):
