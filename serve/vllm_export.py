@@ -5,7 +5,7 @@ Usage:
     vllm serve DIR-vllm --served-model-name medllava --max-model-len 2048 --limit-mm-per-prompt '{"image": 4}'
 
 vLLM's Llava loader builds CLIP, SigLIP and Pixtral towers only (vllm 0.33.0,
-vllm/model_executor/models/llava.py:458-483); the default DINOv2 tower is served by `python -m serve` instead,
+vllm/model_executor/models/llava.py:446-483); the default DINOv2 tower is served by `python -m serve` instead,
 and is refused here with that explanation. transformers 5 saves a CLIP/SigLIP tower inside Llava without the
 `vision_model.` level of its weight names (`vision_tower.embeddings...`), while vLLM's towers keep it
 (clip.py:742-748, siglip.py:819-826: `vision_tower.vision_model.embeddings...`) and stop at a name they do not

@@ -343,7 +343,7 @@ def test_checkpoint_with_a_clip_or_siglip_tower_has_what_vllm_reads(kind, tmp_pa
     # Fields read by vLLM 0.33.0 (vllm/model_executor/models/...), file:line:
     # registry.py:504 picks the model class by the top-level architecture
     assert saved["architectures"] == ["LlavaForConditionalGeneration"]
-    # llava.py:458-483 (init_vision_tower_for_llava) and vision.py:75-83 build only these towers, by config class
+    # llava.py:446-483 (init_vision_tower_for_llava) and vision.py:75-83 build only these towers, by config class
     # (anything else, DINOv2 included, is NotImplementedError "Unsupported vision config")
     assert vision["model_type"] == {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[kind]
     config = LlavaConfig.from_pretrained(tmp_path)  # how vLLM reads it: through transformers
