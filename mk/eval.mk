@@ -17,5 +17,5 @@ scoreboard: SCOREBOARD_ARGS ?=
 scoreboard: ## every test set in data/ under every harness's protocol, with image controls and leakage: OUT/scoreboard.md
 	$(PY) -m eval.scoreboard $(foreach m,$(MODEL),--model $(m)) --output $(OUT) $(SCOREBOARD_ARGS)
 
-bench-eval: ## questions/s of batched vs one-at-a-time VQA answering on the default base model (CPU)
+bench-eval: ## questions/s of VQA answering one at a time, batched and with shared image prefixes (base model, CPU)
 	$(PY) -m bench.eval_throughput
