@@ -10,8 +10,9 @@ ratio measured in the same run:
 
 1. Streaming overhead, per dtype. One client streams an image question (scikit-image's retina.jpg, `--question`)
    through the API, and the same prompt runs through plain `model.generate` in this process (same model, dtype and
-   greedy decoding; a streamer that only notes the time of each token), alternately, `--reps` times after a warm-up
-   of each. Decode rate = tokens after the first / (last token - first token); time to first token (TTFT) =
+   greedy decoding; a streamer that only notes the time of each token). One server per dtype runs throughout and
+   all arms of all dtypes take turns, `--reps` times after a warm-up, so a change in the machine's load hits them
+   alike. Decode rate = tokens after the first / (last token - first token); time to first token (TTFT) =
    request sent (call made) -> first token. `generate` runs on a worker thread, as the server's decoding loop
    does: on a loaded machine OpenMP's spin-waiting makes the main thread's decode several times slower
    (docs/serve.md). Then `--equality` different greedy prompts are asked one at a time and then all at once: how
@@ -23,7 +24,8 @@ ratio measured in the same run:
    first request k/N of a single request's duration after the start. Measured in the steady state, while all N
    clients are active (from the moment every client has had its first answer to the moment the first one has had
    its last): aggregate tokens/s = text tokens streamed in that window / its length; TTFT p50/p95 over every
-   request but each client's first (those arrive as a burst); ratios to the 1-client row.
+   request but each client's first (those arrive as a burst); ratios to the 1-client row. Every client count runs
+   `--rounds` times, in alternating order (1, 4, 8, 16, then 16, 8, 4, 1), and the medians are shown.
 
 The machine load (`bench.common.machine_state`) is printed before and after: on a shared machine every absolute
 figure is low and noisy, so look at the ratios; re-run on a quiet machine for absolute speeds. Medians everywhere.
@@ -35,6 +37,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -44,11 +47,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+# The OpenMP policy `python -m serve` sets (idle threads sleep), here too before torch loads: both arms run under it.
+# The server inherits this environment, so OMP_WAIT_POLICY=ACTIVE python -m bench.serve_latency compares the other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import machine_state
-from medllava.assets import resolve_model
-from medllava.reports import markdown_table
+import httpx  # noqa: E402
+
+from bench.common import machine_state  # noqa: E402
+from medllava.assets import resolve_model  # noqa: E402
+from medllava.reports import markdown_table  # noqa: E402
 
 QUESTIONS = [
     "Describe this image.",
@@ -233,32 +240,42 @@ def percentile(values: list[float], q: float) -> float:
     return values[low] + (values[high] - values[low]) * (k - low)
 
 
-def overhead(args, model_dir: str, dtype: str) -> list[dict]:
-    """Table 1 rows for one dtype: the API's single stream against bare `generate`, alternately."""
-    print(f"[{dtype}] starting python -m serve --model {args.model} ...", file=sys.stderr, flush=True)
-    process, url = start_server(args.model, dtype, max(1, args.equality))
+def overhead(args, model_dir: str) -> list[dict]:
+    """Table 1: for every dtype, the API's single stream against plain `generate`, all arms taking turns (one
+    server per dtype runs throughout), so that a change in the machine's load hits every arm alike."""
+    servers, arms = {}, {}
     try:
+        for dtype in args.dtypes:
+            print(f"[{dtype}] starting python -m serve --model {args.model} ...", file=sys.stderr, flush=True)
+            servers[dtype] = start_server(args.model, dtype, max(1, args.equality))
+            arms[dtype] = bare_generate(model_dir, dtype, args.question, args.max_tokens)
         image = data_url(*images()[0])
-        bare = bare_generate(model_dir, dtype, args.question, args.max_tokens)
-        api, plain = [], []
+        api, plain, same = {d: [] for d in args.dtypes}, {d: [] for d in args.dtypes}, {}
         with httpx.Client() as client:
             for rep in range(args.reps + 1):  # the first of each is a warm-up
-                api.append(
-                    stream_request(client, url, args.served_model_name, image, args.question, args.max_tokens)
-                )
-                plain.append(bare())
-                print(
-                    f"[{dtype}] rep {rep}: API {api[-1]['decode']:.1f} tok/s, generate {plain[-1]['decode']:.1f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            same = equal_under_load(client, args, url) if args.equality else None
+                for dtype in args.dtypes:
+                    url = servers[dtype][1]
+                    run = stream_request(
+                        client, url, args.served_model_name, image, args.question, args.max_tokens
+                    )
+                    api[dtype].append(run)
+                    plain[dtype].append(arms[dtype]())
+                    print(
+                        f"[{dtype}] rep {rep}: API {api[dtype][-1]['decode']:.1f} tok/s, "
+                        f"generate {plain[dtype][-1]['decode']:.1f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            for dtype in args.dtypes:
+                same[dtype] = equal_under_load(client, args, servers[dtype][1]) if args.equality else None
     finally:
-        stop_server(process)
-    return [
-        {"dtype": dtype, "arm": "API, streamed", **median(api[1:]), "same": same},
-        {"dtype": dtype, "arm": "model.generate", **median(plain[1:]), "same": None},
-    ]
+        for process, _ in servers.values():
+            stop_server(process)
+    rows = []
+    for dtype in args.dtypes:
+        rows.append({"dtype": dtype, "arm": "API, streamed", **median(api[dtype][1:]), "same": same[dtype]})
+        rows.append({"dtype": dtype, "arm": "model.generate", **median(plain[dtype][1:]), "same": None})
+    return rows
 
 
 def prompts(n: int) -> list[tuple[int, int]]:
@@ -330,6 +347,17 @@ def sweep(args, url: str, clients: int, single_request: float) -> dict:
     }
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from the rounds of a client count: medians of the rates and times, sums of the counts."""
+    out = {
+        key: statistics.median(run[key] for run in runs)
+        for key in ("aggregate", "ttft_p50", "ttft_p95", "decode")
+    }
+    out.update({key: sum(run[key] for run in runs) for key in ("requests", "window", "tokens")})
+    out["answers"] = {k: v for run in runs for k, v in run["answers"].items()}
+    return {**out, "clients": runs[0]["clients"], "rounds": len(runs)}
+
+
 def pick_dtype(streamed: dict[str, dict]) -> tuple[str, str]:
     """The dtype to serve: the fastest streamed decode among those whose greedy answers under load were all the
     same as alone (the batching invariant), else the fastest; and the reason."""
@@ -365,27 +393,28 @@ def main(argv: list[str] | None = None) -> None:
         "--reps", type=int, default=3, help="streamed requests per arm in table 1 (plus a warm-up)"
     )
     parser.add_argument("--equality", type=int, default=8, help="prompts asked alone, then at once (0: skip)")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client in the sweep (>= 3)")
+    parser.add_argument("--requests", type=int, default=3, help="requests per client in the sweep (>= 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="times the sweep runs every client count")
     parser.add_argument("--question", default=QUESTIONS[1], help="table 1's question (about retina.jpg)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     if (
         args.reps < 1
         or args.requests < 3
+        or args.rounds < 1
         or min(args.clients) < 1
         or args.max_tokens < 2
         or args.equality < 0
     ):
-        parser.error("--reps and --clients must be >= 1, --requests >= 3, --max-tokens >= 2, --equality >= 0")
+        parser.error(
+            "--reps, --rounds and --clients must be >= 1, --requests >= 3, --max-tokens >= 2, --equality >= 0"
+        )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (finally blocks) when killed
     command = "python -m bench.serve_latency " + " ".join(argv if argv is not None else sys.argv[1:])
     before = machine_state()
     print(f"{command.strip()}: {args.model}; {before}", file=sys.stderr, flush=True)
 
-    rows: list[dict] = []
-    if not args.url:
-        model_dir = resolve_model(args.model)
-        for dtype in args.dtypes:
-            rows += overhead(args, model_dir, dtype)
+    rows = overhead(args, resolve_model(args.model)) if not args.url else []
     streamed = {row["dtype"]: row for row in rows if row["arm"].startswith("API")}
     dtype, reason = (args.serve_dtype, "--serve-dtype") if args.serve_dtype else (None, "")
     if dtype is None and streamed:
@@ -401,10 +430,16 @@ def main(argv: list[str] | None = None) -> None:
             one = stream_request(
                 client, url, args.served_model_name, data_url(*images()[0]), args.question, args.max_tokens
             )
-        sweeps = []
-        for n in sorted(set(args.clients)):
-            sweeps.append(sweep(args, url, n, one["total"]))
-            print(f"{n} client(s): {sweeps[-1]['aggregate']:.1f} tok/s", file=sys.stderr, flush=True)
+        rounds: dict[int, list[dict]] = {n: [] for n in sorted(set(args.clients))}
+        for r in range(args.rounds):  # every client count in every round, in alternating order
+            for n in sorted(rounds) if r % 2 == 0 else sorted(rounds, reverse=True):
+                rounds[n].append(sweep(args, url, n, one["total"]))
+                print(
+                    f"round {r}, {n} client(s): {rounds[n][-1]['aggregate']:.1f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        sweeps = [combine(runs) for runs in rounds.values()]
     finally:
         stop_server(process)
     after = machine_state()
@@ -450,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
             + [f"{s['ttft_p95'] / base['ttft_p50']:.2f}", f"{s['decode']:.1f}", f"{same}/{len(shared)}"]
         )
     print(
-        f"\nConcurrent streaming clients ({dtype}, {args.requests} requests each, max_tokens {args.max_tokens}):\n"
+        f"\nConcurrent streaming clients ({dtype}, {args.requests} requests each, max_tokens {args.max_tokens}; "
+        f"medians of {args.rounds} rounds, counts summed):\n"
     )
     one_client = f"{base['clients']}-client"
     headers = [

@@ -13,17 +13,19 @@ One worker thread (started when a request comes, gone when none is left) owns th
 1. rows whose request was withdrawn (`SamplingParams.stop_event` set, or the consumer closed its iterator) leave;
 2. waiting requests join in arrival order (`order`, e.g. the server's queue ticket number), as many as there are
    free rows and the prefill budget allows: they are prefilled together, left-padded, with their images, in a cache
-   of their own; each one's first token comes from its prefill logits; then their cache and the batch's are
-   left-padded to the same length and concatenated along the batch;
+   of their own (starting from the cached keys and values of the chat template's system prompt when the prompt
+   starts with it: [prefix][padding][rest]); each one's first token comes from its prefill logits; then their
+   cache and the batch's are left-padded to the same length and concatenated along the batch;
 3. one decoding step for all rows: input (rows, 1), each row's position = its real tokens so far, mask + 1 column;
    each row samples with its own parameters and its own `torch.Generator` (greedy: argmax);
 4. rows that ended (an end-of-turn token, max tokens) leave, and columns that are padding in every remaining row
    are cut off the cache.
 
 Every row sees exactly the tokens and positions of its own unpadded prompt (padding is masked out and positions
-come from the mask), so a greedy answer under load equals the answer given alone, and a seeded sampled one too
-(each row draws from its own generator, seeded as `medllava.generation.generate` seeds torch's); tested in
-tests/test_batching.py. Sampling applies transformers' own warpers in `generate`'s order (temperature, top-k from
+come from the mask), so in float32 a greedy answer under load equals the answer given alone, and a seeded sampled
+one too (each row draws from its own generator, seeded as `medllava.generation.generate` seeds torch's); tested in
+tests/test_batching.py. (In bf16 a batch rounds differently from a single row, and answers under load can differ.)
+The cache's layers grow in place (`RoomyLayer`) instead of concatenating the whole cache at every step. Sampling applies transformers' own warpers in `generate`'s order (temperature, top-k from
 the model's generation config or transformers' default of 50, top-p) and `torch.multinomial`, as `generate` does.
 
 Text is detokenised incrementally in the consumer's thread (a short window of ids is decoded, as vLLM does), so
@@ -224,12 +226,18 @@ class Batcher:
     `max_batch` bounds the rows decoded together; `prefill_tokens` bounds the prompt tokens prefilled in one turn
     of the loop (at least one request joins per turn), so requests arriving together do not stall the running
     streams for all their prefills at once, and the first in line gets its first token first. With `prefix_cache`
-    the keys and values of the chat template's fixed opening (the system prompt, about a third of a one-image
-    prompt) are computed once and every prompt that starts with it prefills only the rest.
+    (default: in float32) the keys and values of the chat template's fixed opening (the system prompt, about a third
+    of a one-image prompt) are computed once and every prompt that starts with it prefills only the rest; in bf16
+    the prefix computed apart rounds differently from the whole prompt and changed answers, so it is off there.
     """
 
     def __init__(
-        self, model, processor, max_batch: int = 8, prefill_tokens: int = 512, prefix_cache: bool = True
+        self,
+        model,
+        processor,
+        max_batch: int = 8,
+        prefill_tokens: int = 512,
+        prefix_cache: bool | None = None,
     ):
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError("a Batcher needs max_batch >= 1 and prefill_tokens >= 1")
@@ -254,7 +262,10 @@ class Batcher:
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, T) long, 1 = a real token
         self._last: torch.Tensor | None = None  # (rows, 1) the token each row feeds next
-        # the chat template's fixed opening (its system prompt): computed once, reused by every prompt that has it
+        # the chat template's fixed opening (its system prompt): computed once, reused by every prompt that has it.
+        # By default in float32 only: in bf16 the prefix prefilled apart rounds differently and changes answers.
+        if prefix_cache is None:
+            prefix_cache = model.dtype in (torch.float32, torch.float64)
         self.prefix_ids = self._template_prefix() if prefix_cache else []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = 0  # decoding steps run (for tests and benchmarks)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -221,22 +222,35 @@ def _prompts(model, processor, examples: Sequence[dict], images_loaded: bool) ->
 
 
 def _group_prefixes(prompts: list[_Prompt], image_token_id: int) -> list[list[int]]:
-    """Group prompts that share their images (same pixels) and their ids up to the last image token; set each
-    prompt's group and the group's prefix: the longest common token prefix, at least one token short of every
-    prompt (the last prompt token must run to give the first answer token's logits)."""
+    """Group prompts that share their images (same pixels) and their ids up to the last image token, and set each
+    prompt's group and the group's prefix length.
+
+    A group of several prompts shares their longest common token prefix, at least one token short of each (the
+    last prompt token must run to give the first answer token's logits). Prefixes are then evened out so that
+    they run in few forward passes: each is cut to the length most groups of several share (the system prompt,
+    the image and what follows it up to the question), never below its last image token; a prompt alone in its
+    group gains nothing from a longer one, and the rest of its prompt runs with its batch's questions.
+    """
     groups: dict[tuple, list[int]] = {}
+    floors = []  # per prompt: the prefix must hold every image token
     for i, prompt in enumerate(prompts):
         ids = prompt.ids
-        last_image = max((j for j, t in enumerate(ids) if t == image_token_id), default=-1)
+        floors.append(max((j + 1 for j, t in enumerate(ids) if t == image_token_id), default=0))
         pixels = () if prompt.pixels is None else tuple(_digest(p) for p in prompt.pixels)
-        groups.setdefault((pixels, tuple(ids[: last_image + 1])), []).append(i)
+        groups.setdefault((pixels, tuple(ids[: floors[i]])), []).append(i)
     members_of = list(groups.values())
-    for g, members in enumerate(members_of):
+    common = []
+    for members in members_of:
         first = prompts[members[0]].ids
         n = min(len(prompts[i].ids) for i in members) - 1
         for i in members[1:]:
             ids = prompts[i].ids
             n = next((j for j in range(n) if ids[j] != first[j]), n)
+        common.append(n)
+    shared = [n for n, members in zip(common, members_of, strict=True) if len(members) > 1]
+    target = Counter(shared or [floors[m[0]] for m in members_of]).most_common(1)[0][0]
+    for g, members in enumerate(members_of):
+        n = max(floors[members[0]], min(common[g], target))
         for i in members:
             prompts[i].group, prompts[i].prefix = g, n
     return members_of

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from medllava.assets import resolve_model
-from serve.engine import Limits
+# Set before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a machine shared with other
+# jobs spinning threads fight them for the cores: a decoding step took 196 ms spinning, 57 ms not (docs/serve.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from medllava.assets import resolve_model  # noqa: E402
+from serve.engine import Limits  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -184,18 +184,25 @@ def test_shared_prefixes_give_the_answers_of_full_prompts(lively):
 
 def test_shared_prefix_is_the_common_token_prefix(lively):
     model, processor = lively
-    image = random_image(5)
-    examples = [{"images": [image], "messages": [message("user", q, 1)]} for q in QUESTIONS[:2]]
+    image, other = random_image(5), random_image(6)
+    questions = ["Is there a lesion?", "Is there a mass?"]
+    examples = [{"images": [image], "messages": [message("user", q, 1)]} for q in questions]
     ids = [encode(processor, [e], images_loaded=True)["input_ids"][0].tolist() for e in examples]
     common = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
-    assert model.config.image_token_id in ids[0][:common]
+    after_image = max(i for i, t in enumerate(ids[0]) if t == model.config.image_token_id) + 1
+    assert common > after_image + 2  # the ids share "\nIs there a" after the image
     stats = {}
     shared = _shared(model, processor, examples, 2, stats, max_new_tokens=3)
     assert [c.cached_tokens for c in shared] == [common, common]
     assert stats == {"prefix_tokens": common, "prefix_images": 1}
-    # a question asked alone keeps all but its last token in the prefix
-    (only,) = _shared(model, processor, examples[:1], 2, max_new_tokens=3)
-    assert only.cached_tokens == len(ids[0]) - 1
+    # a question alone about its image: its prefix is cut to the other groups' length, so they run together
+    alone = {"images": [other], "messages": [message("user", "Is this normal?", 1)]}
+    stats = {}
+    *_, only = _shared(model, processor, [*examples, alone], 3, stats, max_new_tokens=3)
+    assert only.cached_tokens == common and stats == {"prefix_tokens": 2 * common, "prefix_images": 2}
+    # ... and never below its last image token
+    (only,) = _shared(model, processor, [alone], 2, max_new_tokens=3)
+    assert only.cached_tokens == after_image
 
 
 def test_shared_prefix_order_keeps_images_whole_and_batches_by_key():
