@@ -2,7 +2,7 @@
 
 Usage:
     .venv/bin/python -m bench.eval_throughput [--questions 48] [--images 6] [--per-image 10] [--batch-size 16]
-        [--shared-batch-size 32] [--prefix-chunk 64] [--max-new-tokens 12] [--model base]
+        [--shared-batch-size 64] [--prefix-chunk 128] [--max-new-tokens 12] [--model base]
         [--data data/medsynth/vqa_test.jsonl] [--dtype float32]
 
 Two question sets from --data (synthetic random-image questions if it does not exist):
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=6, help="images of the second set")
     p.add_argument("--per-image", type=int, default=10, help="questions per image of the second set")
     p.add_argument("--batch-size", type=int, default=16, help="eval.generate --no-shared-prefix's batch size")
-    p.add_argument("--shared-batch-size", type=int, default=32, help="eval.generate's batch size")
-    p.add_argument("--prefix-chunk", type=int, default=64, help="eval.generate's --prefix-chunk")
+    p.add_argument("--shared-batch-size", type=int, default=64, help="eval.generate's batch size")
+    p.add_argument("--prefix-chunk", type=int, default=128, help="eval.generate's --prefix-chunk")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2, help="passes of each batched way (the fastest is kept)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

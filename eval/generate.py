@@ -287,15 +287,19 @@ def run(args: argparse.Namespace) -> dict:
     model_name = args.model_name or str(model_dir)
     if args.shuffle_images is not None:  # a control run never resumes into (or from) a normal run's file
         model_name += f" [images shuffled, seed {args.shuffle_images}]"
-    suffixes = {} if args.no_suffix else {"CLOSED": args.closed_suffix, "OPEN": args.open_suffix,
-                                          "CHOICE": args.choice_suffix}  # fmt: skip
+    suffixes = {"CLOSED": args.closed_suffix, "OPEN": args.open_suffix, "CHOICE": args.choice_suffix}
+    if args.no_suffix:
+        suffixes = {}
     questions = load_questions(
         Path(args.data), args.image_root and Path(args.image_root), suffixes, args.limit
     )
     if args.shuffle_images is not None:
         questions = shuffle_images(questions, args.shuffle_images)
-        print(f"[eval.generate] image-blind control: images shuffled across questions (seed "
-              f"{args.shuffle_images})", file=sys.stderr)  # fmt: skip
+        seed = args.shuffle_images
+        print(
+            f"[eval.generate] image-blind control: images shuffled across questions (seed {seed})",
+            file=sys.stderr,
+        )
     mine = shard(questions, args.num_shards, args.shard_index)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -303,8 +307,8 @@ def run(args: argparse.Namespace) -> dict:
     ids = {q.id for q in mine}
     foreign = done - ids
     if foreign:
-        print(f"[eval.generate] {output}: {len(foreign)} answered id(s) are not in this shard of {args.data}",
-              file=sys.stderr)  # fmt: skip
+        note = f"{len(foreign)} answered id(s) are not in this shard of {args.data}"
+        print(f"[eval.generate] {output}: {note}", file=sys.stderr)
     todo = batch_order([q for q in mine if q.id not in done])
     inferred = sum(q.answer_type_inferred for q in mine)
     if inferred:
@@ -312,8 +316,9 @@ def run(args: argparse.Namespace) -> dict:
             f"[eval.generate] {inferred} row(s) without answer_type: inferred from the answer",
             file=sys.stderr,
         )
-    print(f"[eval.generate] {len(mine)} question(s) in shard {args.shard_index}/{args.num_shards}, "
-          f"{len(mine) - len(todo)} already answered, {len(todo)} to go", file=sys.stderr)  # fmt: skip
+    where = f"shard {args.shard_index}/{args.num_shards}"
+    progress = f"{len(mine) - len(todo)} already answered, {len(todo)} to go"
+    print(f"[eval.generate] {len(mine)} question(s) in {where}, {progress}", file=sys.stderr)
     errors = 0
     if todo:
         model, processor = load(str(model_dir), dtype=args.dtype, device=args.device)
@@ -340,17 +345,28 @@ def run(args: argparse.Namespace) -> dict:
                 f.flush()
                 bar.update(len(rows))
         bar.close()
-    summary = {"output": str(output), "questions": len(mine), "answered_now": len(todo),
-               "already_answered": len(mine) - len(todo), "image_errors": errors}  # fmt: skip
+    summary = {
+        "output": str(output),
+        "questions": len(mine),
+        "answered_now": len(todo),
+        "already_answered": len(mine) - len(todo),
+        "image_errors": errors,
+    }
     if errors:
-        print(f"[eval.generate] {errors} question(s) had images that did not load: written with an 'error' "
-              "field and an empty prediction (scored as wrong)", file=sys.stderr)  # fmt: skip
+        print(
+            f"[eval.generate] {errors} question(s) had images that did not load: written with an 'error' "
+            "field and an empty prediction (scored as wrong)",
+            file=sys.stderr,
+        )
     return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m eval.generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--model", required=True, help="'default' (the starter or base model) or a Llava directory"
     )
@@ -361,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="questions answered together (default: 32, or 16 with --no-shared-prefix)",
+        help="questions answered together (default: 64, or 16 with --no-shared-prefix)",
     )
     p.add_argument(
         "--no-shared-prefix",
@@ -372,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--prefix-chunk",
         type=int,
-        default=64,
+        default=128,
         help="questions (whole images) whose prefixes are kept in memory together",
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -385,11 +401,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-suffix", default=ANSWER_SUFFIXES["OPEN"], help="appended to OPEN questions")
     p.add_argument("--choice-suffix", default=ANSWER_SUFFIXES["CHOICE"], help="appended to CHOICE questions")
     p.add_argument("--no-suffix", action="store_true", help="ask the questions exactly as written")
-    p.add_argument("--shuffle-images", type=int, metavar="SEED",
-                   help="image-blind control: ask each question about another question's picture")  # fmt: skip
+    p.add_argument(
+        "--shuffle-images",
+        type=int,
+        metavar="SEED",
+        help="image-blind control: ask each question about another question's picture",
+    )
     args = p.parse_args(argv)
     if args.batch_size is None:
-        args.batch_size = 32 if args.shared_prefix else 16
+        args.batch_size = 64 if args.shared_prefix else 16
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefix_chunk < 1:
         p.error("--batch-size, --max-new-tokens and --prefix-chunk must be >= 1")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:

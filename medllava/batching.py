@@ -11,11 +11,18 @@ One worker thread (started when a request comes, gone when none is left) owns th
 (rows, T) marking each row's real tokens, and the last token sampled for each row. Each turn of its loop:
 
 1. rows whose request was withdrawn (`SamplingParams.stop_event` set, or the consumer closed its iterator) leave;
-2. waiting requests join in arrival order (`order`, e.g. the server's queue ticket number), as many as there are
-   free rows and the prefill budget allows: they are prefilled together, left-padded, with their images, in a cache
-   of their own (starting from the cached keys and values of the chat template's system prompt when the prompt
-   starts with it: [prefix][padding][rest]); each one's first token comes from its prefill logits; then their
-   cache and the batch's are left-padded to the same length and concatenated along the batch;
+2. waiting requests join in arrival order (`order`, e.g. the server's queue ticket number), as many as there
+   are free rows and the prefill budget allows. They are prefilled together in one forward, in a cache of
+   their own that starts from the longest cached prefix each one has: the keys and values of its images'
+   prefix (the prompt up to its last image token, kept from an earlier request with the same pixels and the
+   same ids up to there: an LRU of `image_prefix_cache` entries), else those of the chat template's system
+   prompt when the prompt starts with it, else nothing. Each row is laid out
+   [padding][its cached prefix][padding][rest of its prompt] (prefixes right-aligned, rests left-padded), and
+   only rows whose images are not cached pass their pixels, so a follow-up question about an image skips the
+   vision tower and the prompt up to the image. The image prefixes of the other rows are then cut out of the
+   prefill's cache into the LRU (attention is causal: a token's keys and values depend only on the tokens
+   before it). Each joiner's first token comes from its prefill logits; then their cache and the batch's are
+   left-padded to the same length and concatenated along the batch;
 3. one decoding step for all rows: input (rows, 1), each row's position = its real tokens so far, mask + 1 column;
    each row samples with its own parameters and its own `torch.Generator` (greedy: argmax);
 4. rows that ended (an end-of-turn token, max tokens) leave, and columns that are padding in every remaining row
@@ -40,16 +47,21 @@ import itertools
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from medllava.generation import SamplingParams, _end_ids
+from medllava.generation import SamplingParams, _digest, _end_ids
 from medllava.processing import encode
 
 _END = object()  # the last item a generation's queue receives
+# Image prefixes kept by default (in float32). One entry holds every layer's keys and values of the prompt up
+# to its last image token: about 5 MB for the 135M default in float32 (30 layers x 2 x 3 kv heads x 64 x ~110
+# tokens x 4 bytes), so 32 entries take about 160 MB.
+IMAGE_PREFIX_ENTRIES = 32
 
 
 def supports_batching(model) -> bool:
@@ -157,6 +169,9 @@ def new_cache(config):
 class _Prompt:
     ids: torch.Tensor  # (L,) token ids, image tokens expanded
     pixels: torch.Tensor | None  # (n_images, 3, H, W) or None
+    # the image-prefix cache's key: (digests of the pixels, ids up to the last image token); None if no image
+    key: tuple | None = None
+    floor: int = 0  # index of the last image token + 1: the length of the image prefix
 
 
 class Generation:
@@ -229,6 +244,10 @@ class Batcher:
     (default: in float32) the keys and values of the chat template's fixed opening (the system prompt, about a third
     of a one-image prompt) are computed once and every prompt that starts with it prefills only the rest; in bf16
     the prefix computed apart rounds differently from the whole prompt and changed answers, so it is off there.
+    `image_prefix_cache` bounds the image prefixes kept (an LRU; 0 turns it off; default:
+    `IMAGE_PREFIX_ENTRIES` in float32 and float64, 0 otherwise, for the same reason): a prompt with the same
+    images and the same ids up to its last image token (a follow-up question about an image, the next turn of
+    a chat) prefills only the rest, without its pixels. `prefix_hits` counts the prompts that found theirs.
     """
 
     def __init__(
@@ -238,9 +257,12 @@ class Batcher:
         max_batch: int = 8,
         prefill_tokens: int = 512,
         prefix_cache: bool | None = None,
+        image_prefix_cache: int | None = None,
     ):
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError("a Batcher needs max_batch >= 1 and prefill_tokens >= 1")
+        if image_prefix_cache is not None and image_prefix_cache < 0:
+            raise ValueError(f"image_prefix_cache must be >= 0 (0 turns it off), not {image_prefix_cache}")
         if not supports_batching(model):
             raise ValueError(f"{type(model).__name__} cannot be batched here (see supports_batching)")
         self.model, self.processor = model, processor
@@ -264,8 +286,15 @@ class Batcher:
         self._last: torch.Tensor | None = None  # (rows, 1) the token each row feeds next
         # the chat template's fixed opening (its system prompt): computed once, reused by every prompt that has it.
         # By default in float32 only: in bf16 the prefix prefilled apart rounds differently and changes answers.
+        exact = model.dtype in (torch.float32, torch.float64)
         if prefix_cache is None:
-            prefix_cache = model.dtype in (torch.float32, torch.float64)
+            prefix_cache = exact
+        if image_prefix_cache is None:
+            image_prefix_cache = IMAGE_PREFIX_ENTRIES if exact else 0
+        self.image_prefix_cache = image_prefix_cache
+        # key -> per layer (keys, values) of shape (1, kv_heads, floor, head_dim), least recently used first
+        self._image_prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.prefix_hits = 0  # prompts whose image prefix came from the cache
         self.prefix_ids = self._template_prefix() if prefix_cache else []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = 0  # decoding steps run (for tests and benchmarks)
@@ -282,7 +311,17 @@ class Batcher:
         extra = set(batch.keys()) - {"input_ids", "attention_mask", "pixel_values"}
         if extra:
             raise ValueError(f"the processor returned inputs the batcher does not pass on: {sorted(extra)}")
-        return _Prompt(batch["input_ids"][0], None if pixels is None else pixels.to(self.model.dtype))
+        prompt = _Prompt(batch["input_ids"][0], None if pixels is None else pixels.to(self.model.dtype))
+        if prompt.pixels is not None and self.image_prefix_cache:
+            # in the caller's thread: the worker only looks the key up
+            images = (prompt.ids == self.model.config.image_token_id).nonzero()
+            floor = int(images[-1]) + 1 if len(images) else 0
+            # at least one token after the prefix runs, for the first answer token's logits
+            if 0 < floor < len(prompt.ids):
+                # the processor's pixels (float32): numpy, which `_digest` hashes through, has no bfloat16
+                digests = tuple(_digest(p) for p in pixels)
+                prompt.key, prompt.floor = (digests, tuple(prompt.ids[:floor].tolist())), floor
+        return prompt
 
     def submit(
         self,
@@ -490,48 +529,88 @@ class Batcher:
         n = next((i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), 0)
         return [] if self.model.config.image_token_id in ids[0][:n] else ids[0][:n]
 
-    def _prefix_cache(self, rows: int):
-        """A cache holding the template prefix's keys and values for `rows` rows (computed once)."""
+    def _template_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The template prefix's keys and values per layer, (1, kv_heads, len(prefix_ids), head_dim); computed
+        once."""
         if self._prefix_kv is None:
             cache = new_cache(self.model.config)
             ids = torch.tensor([self.prefix_ids], device=self.model.device)
             self.model.model(input_ids=ids, past_key_values=cache, use_cache=True)  # no LM head needed
             self._prefix_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        return self._prefix_kv
+
+    def _cached_prefix(self, gen: Generation) -> tuple[int, list | None, bool]:
+        """The longest cached prefix of the joiner's prompt: (its length, its keys and values, whether it is
+        an image-prefix hit)."""
+        prompt, p = gen.prompt, len(self.prefix_ids)
+        entry = self._image_prefixes.get(prompt.key) if prompt.key is not None else None
+        if entry is not None:
+            self._image_prefixes.move_to_end(prompt.key)
+            return prompt.floor, entry, True
+        if p and prompt.ids[:p].tolist() == self.prefix_ids:
+            return p, self._template_kv(), False
+        return 0, None, False
+
+    def _prefix_rows(self, kvs: list, skips: list[int], length: int, more: int):
+        """A cache whose row r holds the cached prefix `kvs[r]` right-aligned in `length` columns (zeros to
+        its left: masked, and finite so that a zero attention weight gives zero), with room for `more`
+        positions."""
         cache = new_cache(self.model.config)
-        for layer, (keys, values) in zip(cache.layers, self._prefix_kv, strict=True):
+        if not length:
+            return cache
+        first = next(kv for kv in kvs if kv is not None)
+        for n, layer in enumerate(cache.layers):
+            # (rows, kv_heads, length, head_dim), in a buffer `RoomyLayer.update` appends the rests to
+            _, heads, _, dim = first[n][0].shape
+            shape = (len(kvs), heads, length + more + layer.room, dim)
+            buffers = first[n][0].new_empty(shape), first[n][1].new_empty(shape)
+            keys, values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+            keys.zero_()
+            values.zero_()
+            for r, (kv, skip) in enumerate(zip(kvs, skips, strict=True)):
+                if kv is not None:
+                    keys[r, :, length - skip :] = kv[n][0][0]
+                    values[r, :, length - skip :] = kv[n][1][0]
             layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+            layer.keys, layer.values, layer._buffers = keys, values, buffers
         return cache
 
-    def _prefill(self, joiners: list[Generation]) -> None:
-        """Prefill the joiners, those whose prompt starts with the template prefix from its cached keys and
-        values, the others in full; then sample their first tokens and merge them into the batch."""
-        p = len(self.prefix_ids)
-        cached = [g for g in joiners if p and g.prompt.ids[:p].tolist() == self.prefix_ids]
-        full = [g for g in joiners if not (p and g.prompt.ids[:p].tolist() == self.prefix_ids)]
-        for group, skip in ((cached, p), (full, 0)):
-            if group:
-                self._prefill_group(group, skip)
+    def _store_image_prefix(self, key: tuple, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._image_prefixes[key] = kv
+        self._image_prefixes.move_to_end(key)
+        while len(self._image_prefixes) > self.image_prefix_cache:
+            self._image_prefixes.popitem(last=False)  # the least recently used
 
-    def _prefill_group(self, joiners: list[Generation], skip: int) -> None:
-        """One prefill forward for joiners whose first `skip` ids are the cached template prefix. Each row of the
-        cache is laid out [prefix][left padding][rest of its prompt]; the mask marks the padding and positions
-        come from the mask, so each row sees exactly its own prompt at its own positions."""
+    def _prefill(self, joiners: list[Generation]) -> None:
+        """One prefill forward for the joiners, each from its longest cached prefix (`_cached_prefix`), then
+        their first tokens sampled and their rows merged into the batch.
+
+        Row r of the cache is laid out [padding][cached prefix of row r][padding][rest of row r]: prefixes
+        right-aligned to the longest cached prefix among the joiners, rests left-padded to the longest rest
+        (as `medllava.generation.generate_shared` lays out its rows). The mask marks the padding and positions
+        come from the mask, so each row sees exactly its own prompt at its own positions. Only rows whose
+        images are not cached pass their pixels; their image prefixes are then sliced out of the prefill's
+        cache into the LRU.
+        """
         device = self.model.device
-        longest = max(len(g.prompt.ids) - skip for g in joiners)
-        ids = torch.full((len(joiners), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joiners), skip + longest), dtype=torch.long)
-        mask[:, :skip] = 1
-        for r, gen in enumerate(joiners):
-            rest = gen.prompt.ids[skip:]
-            ids[r, longest - len(rest) :] = rest
-            mask[r, skip + longest - len(rest) :] = 1
-        pixels = [g.prompt.pixels for g in joiners if g.prompt.pixels is not None]
-        # (J, longest): each row's positions count its real tokens from 0
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
         start = time.perf_counter()
         try:
-            cache = self._prefix_cache(len(joiners)) if skip else new_cache(self.model.config)
+            skips, kvs, hits = zip(*(self._cached_prefix(g) for g in joiners), strict=True)
+            cached = max(skips)
+            rests = [g.prompt.ids[skip:] for g, skip in zip(joiners, skips, strict=True)]
+            longest = max(len(rest) for rest in rests)
+            ids = torch.full((len(joiners), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(joiners), cached + longest), dtype=torch.long)
+            for r, (rest, skip) in enumerate(zip(rests, skips, strict=True)):
+                ids[r, longest - len(rest) :] = rest
+                mask[r, cached - skip : cached] = 1
+                mask[r, cached + longest - len(rest) :] = 1
+            # a hit's rest holds no image token: only the others' images run through the vision tower
+            pixels = [g.prompt.pixels for g, hit in zip(joiners, hits, strict=True) if not hit]
+            pixels = [p for p in pixels if p is not None]
+            # (J, longest): each row's positions count its real tokens from 0
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+            cache = self._prefix_rows(list(kvs), list(skips), cached, longest)
             out = self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -546,7 +625,22 @@ class Batcher:
                 self._finish(gen, error)
             return
         self.prefills += 1
+        self.prefix_hits += sum(hits)
         self.timings["prefill"] += time.perf_counter() - start
+        for r, gen in enumerate(joiners):
+            key = gen.prompt.key
+            if key is None or hits[r] or key in self._image_prefixes or not self.image_prefix_cache:
+                continue
+            # the row's real columns in order; its first `floor` are the image prefix
+            columns = mask[r].nonzero().squeeze(1)[: gen.prompt.floor].to(device)
+            kv = [
+                (
+                    layer.keys[r : r + 1].index_select(2, columns),
+                    layer.values[r : r + 1].index_select(2, columns),
+                )
+                for layer in cache.layers
+            ]
+            self._store_image_prefix(key, kv)
         rows = [self._new_row(g) for g in joiners]
         tokens = self._sample(rows, out.logits[:, -1])
         ended = self._emit(rows, tokens)

@@ -257,7 +257,11 @@ def _group_prefixes(prompts: list[_Prompt], image_token_id: int) -> list[list[in
 
 
 def _digest(pixels: torch.Tensor) -> bytes:
-    return hashlib.blake2b(pixels.contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+    """A hash of a pixel tensor's bytes (any dtype: numpy has no bfloat16, so 2-byte floats are read as int16)."""
+    pixels = pixels.detach().contiguous().cpu()
+    if pixels.dtype in (torch.bfloat16, torch.float16):
+        pixels = pixels.view(torch.int16)
+    return hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest()
 
 
 def _prefill(model, prompts: list[_Prompt], groups: list[list[int]], batch_size: int, stats: dict | None):

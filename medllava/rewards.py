@@ -11,6 +11,10 @@ skips it), so answer-type-specific rewards can be combined with weights (GRPOCon
 
 Rewards (Med-R1, arXiv:2503.13939, trains with format + accuracy rewards):
 - format: 1.0 when the completion is `<answer>...</answer>`, optionally preceded by `<think>...</think>`.
+- stated_format: 1.0 when the completion has the form the starter's SFT stages teach (issue 18): a closed answer
+  states its finding, then the verdict as a sentence of its own ("This is an MRI of the head. No."); an open one
+  is a short phrase (1-8 words on one line, no verdict); a choice answer names one option letter. Use it with
+  `system_prompt: ""` (no request for `<answer>` tags).
 - accuracy: the default accuracy metric of the row's answer type (metrics.ACCURACY_METRIC): strict yes/no
   for CLOSED, token F1 (partial credit, 1.0 on a normalised exact match) for OPEN, option letter for CHOICE.
 - closed_accuracy / open_exact / open_f1 / choice: one metric each, None on rows of other answer types.
@@ -21,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from medllava import metrics
-from medllava.prompts import FORMAT_SYSTEM_PROMPT, is_answer_format
+from medllava.prompts import FORMAT_SYSTEM_PROMPT, extract_choice, is_answer_format, split_stated
 from medllava.schema import content_text, infer_answer_type
 
 __all__ = ["FORMAT_SYSTEM_PROMPT", "REWARD_FUNCS", "completion_text", "get_reward_funcs"]
@@ -39,6 +43,33 @@ def _column(kwargs: dict, name: str, n: int) -> list:
 
 def format_reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
     return [float(is_answer_format(completion_text(c))) for c in completions]
+
+
+# an open answer's phrase: at most this many words (medsynth's longest open answers have four)
+SHORT_PHRASE_WORDS = 8
+
+
+def has_stated_form(text: str, answer_type: str) -> bool:
+    """Whether a reply has the answer form of its type: CLOSED "<statement>. Yes|No.", OPEN a short phrase on one
+    line that is not a yes/no verdict, CHOICE one option letter."""
+    text = text.strip()
+    if answer_type == "CLOSED":
+        stated = split_stated(text)
+        return stated is not None and len(stated[0].split()) >= 2
+    if answer_type == "CHOICE":
+        return extract_choice(text) is not None
+    words = text.rstrip(".").split()
+    verdict = text.lower().rstrip(" .!") in ("yes", "no") or split_stated(text) is not None
+    return 0 < len(words) <= SHORT_PHRASE_WORDS and "\n" not in text and not verdict
+
+
+def stated_format_reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+    solutions = _column(kwargs, "solution", len(completions))
+    types = _column(kwargs, "answer_type", len(completions))
+    return [
+        float(has_stated_form(completion_text(c), answer_type or infer_answer_type(str(solution))))
+        for c, solution, answer_type in zip(completions, solutions, types, strict=True)
+    ]
 
 
 def accuracy_reward(prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
@@ -72,6 +103,7 @@ def _typed(metric_name: str, answer_type: str) -> Callable:
 
 REWARD_FUNCS: dict[str, Callable] = {
     "format": format_reward,
+    "stated_format": stated_format_reward,
     "accuracy": accuracy_reward,
     "closed_accuracy": _typed("strict_closed_accuracy", "CLOSED"),
     "open_exact": _typed("strict_exact_match", "OPEN"),

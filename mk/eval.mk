@@ -1,7 +1,7 @@
 # Evaluation targets (eval/). Variables are target-specific so they do not clash with other parts' mk files:
 #   make eval MODEL=default DATA=data/medsynth/vqa_test.jsonl OUT=outputs/eval EVAL_ARGS='--limit 50'
 #   make scoreboard MODEL="default outputs/starter/dpo" SCOREBOARD_ARGS='--limit 48 --judge http://127.0.0.1:8000/v1'
-.PHONY: eval scoreboard bench-eval
+.PHONY: eval scoreboard bench-eval eval-describe
 
 eval: MODEL ?= default
 eval: DATA ?= data/medsynth/vqa_test.jsonl
@@ -19,3 +19,9 @@ scoreboard: ## every test set in data/ under every harness's protocol, with imag
 
 bench-eval: ## questions/s of VQA answering one at a time, batched and with shared image prefixes (base model, CPU)
 	$(PY) -m bench.eval_throughput
+
+eval-describe: MODEL ?= default
+eval-describe: OUT ?= outputs/describe
+eval-describe: DESCRIBE_ARGS ?=
+eval-describe: ## ask MODEL to describe captions_test images: fact recall and looping replies in OUT/describe.md
+	$(PY) -m eval.diagnostics.describe --model $(MODEL) --data data/medsynth/captions_test.jsonl --output $(OUT) $(DESCRIBE_ARGS)

@@ -235,6 +235,7 @@ class Engine:
         source: str = "",
         aliases: Sequence[str] = (),
         batching: bool | None = None,
+        image_prefix_cache: int | None = None,
     ):
         self.model, self.processor = model, processor
         self.model_id = model_id  # the name clients send as "model"
@@ -249,8 +250,15 @@ class Engine:
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         if batching is None:
             batching = supports_batching(model)
-        # one row per slot; every sampled row draws from its own seeded generator
-        self.batcher = Batcher(model, processor, max_batch=self.limits.concurrency) if batching else None
+        # one row per slot; every sampled row draws from its own seeded generator; `image_prefix_cache`: image
+        # prefixes kept (None: the batcher's default, on in float32 only)
+        self.batcher = (
+            Batcher(
+                model, processor, max_batch=self.limits.concurrency, image_prefix_cache=image_prefix_cache
+            )
+            if batching
+            else None
+        )
         # Unbatched path: torch's CPU random generator is process-global, so two sampled generations running at
         # once would draw from each other's stream and a `seed` would not reproduce. Sampled generations take this
         # lock there (greedy ones do not need it), so seeded sampling is reproducible at any concurrency.
@@ -265,6 +273,7 @@ class Engine:
         limits: Limits | None = None,
         aliases: Sequence[str] = (),
         batching: bool | None = None,
+        image_prefix_cache: int | None = None,
     ) -> Engine:
         model, processor = load(str(model_dir), dtype=dtype)
         return cls(
@@ -275,6 +284,7 @@ class Engine:
             source=str(model_dir),
             aliases=(str(model_dir), *aliases),
             batching=batching,
+            image_prefix_cache=image_prefix_cache,
         )
 
     def admit(self) -> Ticket:

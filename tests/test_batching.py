@@ -7,9 +7,11 @@ prompt and a row that saw another row's tokens, positions or padding would answe
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -414,3 +416,190 @@ def test_vllm_export_refuses_the_dinov2_default(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="not 'dinov2'.*python -m serve"):
         export(tiny_model_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The image-prefix cache: a prompt with the images and the ids up to its last image token of an earlier one
+# ------------------------------------------------------------------------------------------------------------
+
+
+def ask(seeds: list[int], question: str, turns: Sequence[str] = (), system: str | None = None) -> dict:
+    """A chat about the images `random_image(seed)`: earlier turns (question, answer, ...) then `question`."""
+    images = [random_image(seed, size=(40 + 8 * seed, 32)) for seed in seeds]
+    texts = [*turns, question]
+    messages = [
+        {"role": "user" if k % 2 == 0 else "assistant", "content": [{"type": "text", "text": text}]}
+        for k, text in enumerate(texts)
+    ]
+    messages[0]["content"] = [{"type": "image"}] * len(images) + messages[0]["content"]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return {"images": images, "messages": messages}
+
+
+class _Forwards:
+    """Records every prefill (a forward with more than one input token): its rows and its number of
+    images; while `hold` is clear the model waits before running anything (`entered`: it has been called)."""
+
+    def __init__(self, model):
+        self.prefills: list[tuple[int, int]] = []  # (rows, images) per prefill
+        self.hold, self.entered = threading.Event(), threading.Event()
+        self.hold.set()
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.entered.set()
+        self.hold.wait(60)
+        ids, pixels = kwargs.get("input_ids"), kwargs.get("pixel_values")
+        if ids is not None and ids.shape[1] > 1:
+            self.prefills.append((ids.shape[0], 0 if pixels is None else pixels.shape[0]))
+
+
+def _reference(model, processor, example: dict, p: SamplingParams) -> tuple[str, int, str]:
+    """The answer given alone by the evaluation path (one `model.generate`)."""
+    c = generate(model, processor, [example], p, images_loaded=True)[0]
+    return c.text, c.completion_tokens, c.finish_reason
+
+
+def _run(generation):
+    generation.text()
+    return generation
+
+
+def _seen(processor, generation) -> tuple[str, int, str]:
+    text = processor.tokenizer.decode(generation.ids, skip_special_tokens=True).strip()
+    return text, generation.usage["completion_tokens"], generation.usage["finish_reason"]
+
+
+def test_image_prefix_hits_change_no_answer(sharp):
+    model, processor = sharp
+    cached = Batcher(model, processor, max_batch=8)
+    plain = Batcher(model, processor, max_batch=8, image_prefix_cache=0)
+    assert cached.image_prefix_cache == 32 and plain.image_prefix_cache == 0
+    p = SamplingParams(max_new_tokens=10)
+    one = ask([1], "Question 0: What does this show?")
+    first_answer = plain.submit(one, p).text()
+    cases = {
+        "first": one,
+        "the same again": one,
+        "another question": ask([1], "Question 1: Is it normal? Describe it."),
+        # then together in one join:
+        "image 2": ask([2], "Question 2: What does this show?"),
+        "image 3, own system turn": ask([3], "Question 3: Why?", system="Case 7."),
+        "image 1 again": ask([1], "Question 4: Describe it."),
+        "images 2 and 3": ask([2, 3], "Question 5: Compare them."),
+        "text only": ask([], "Question 6: What is a nodule?"),
+        "second turn on image 1": ask(
+            [1], "Question 7: And now?", turns=["Question 0: What does this show?", first_answer]
+        ),
+        # and after it, alone again:
+        "images 2 and 3 again": ask([2, 3], "Question 8: Which is larger?"),
+        "second turn, own system turn": ask(
+            [3], "Question 9: Sure?", turns=["Question 3: Why?", "No."], system="Case 7."
+        ),
+    }
+    names = list(cases)
+    expected = {name: _reference(model, processor, example, p) for name, example in cases.items()}
+    without = {name: _seen(processor, _run(plain.submit(example, p))) for name, example in cases.items()}
+    assert without == expected
+    assert plain.prefix_hits == 0 and not plain._image_prefixes
+    # answers differ: a row using another's prefix would show
+    assert len(set(expected.values())) >= len(cases) - 3
+
+    forwards = _Forwards(model)
+    got, hits = {}, []
+    try:
+        for name in names[:3]:
+            got[name] = _seen(processor, _run(cached.submit(cases[name], p)))
+            hits.append(cached.prefix_hits)
+        assert hits == [0, 1, 2]  # the same image asked again, and about something else: hits
+        forwards.hold.clear()
+        forwards.entered.clear()
+        busy = cached.submit(ask([9], "Question 10: Busy?"), SamplingParams(max_new_tokens=2))
+        assert forwards.entered.wait(60)  # the model waits: the next six wait in line and join together
+        joined = {name: cached.submit(cases[name], p) for name in names[3:9]}
+        forwards.hold.set()
+        busy.text()
+        for name, generation in joined.items():
+            got[name] = _seen(processor, _run(generation))
+        assert cached.prefix_hits == 4  # image 1 again and the second turn about image 1
+        for name in names[9:]:
+            got[name] = _seen(processor, _run(cached.submit(cases[name], p)))
+    finally:
+        forwards.hold.set()
+        forwards.handle.remove()
+    assert got == expected
+    assert cached.prefix_hits == 6
+    # the join ran in one prefill; only the images not cached went through the vision tower (2, 3, 2 and 3)
+    assert forwards.prefills[3:5] == [(1, 1), (6, 4)], forwards.prefills
+    assert forwards.prefills[5:] == [(1, 0), (1, 0)]  # later hits run no image at all
+    # one entry per image set (and system turn): 1; 9; 2; 3 with its system turn; 2 and 3
+    assert len(cached._image_prefixes) == 5
+    assert cached.running == 0
+
+
+def test_image_prefix_cache_keeps_the_most_recently_used(sharp):
+    from transformers import DynamicCache
+
+    model, processor = sharp
+    batcher = Batcher(model, processor, image_prefix_cache=2)
+    p = SamplingParams(max_new_tokens=2)
+    seeds: dict[tuple, int] = {}  # image-prefix key -> the seed of its image
+    questions = itertools.count()
+
+    def question(seed: int) -> None:
+        example = ask([seed], f"Question {next(questions)}: What is it?")
+        seeds[batcher.encode(example).key] = seed
+        _run(batcher.submit(example, p))
+
+    def kept() -> list[int]:
+        return [seeds[key] for key in batcher._image_prefixes]  # least recently used first
+
+    for seed in (1, 2, 3):
+        question(seed)
+    assert kept() == [2, 3] and batcher.prefix_hits == 0  # the first image was evicted
+    question(1)  # asked again: a miss, kept again
+    assert kept() == [3, 1] and batcher.prefix_hits == 0
+    question(3)  # a hit: now the most recently used
+    assert batcher.prefix_hits == 1 and kept() == [1, 3]
+    question(4)  # evicts image 1, the least recently used
+    assert kept() == [3, 4] and len(seeds) == 4
+
+    # an entry holds exactly the prefix's keys and values, as the prefix run alone gives them
+    prompt = batcher.encode(ask([4], "Question 9: Anything?"))
+    assert seeds[prompt.key] == 4
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model.model(
+            input_ids=prompt.ids[None, : prompt.floor], pixel_values=prompt.pixels, past_key_values=cache
+        )
+    entry = batcher._image_prefixes[prompt.key]
+    assert len(entry) == len(cache.layers)
+    for (keys, values), layer in zip(entry, cache.layers, strict=True):
+        assert keys.shape == layer.keys.shape and keys.shape[:3] == (1, layer.keys.shape[1], prompt.floor)
+        torch.testing.assert_close(keys, layer.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, layer.values, rtol=1e-5, atol=1e-5)
+
+
+def test_image_prefix_cache_is_off_in_bf16_by_default():
+    model, processor = tiny_model()
+    model = model.to(torch.bfloat16)
+    batcher = Batcher(model, processor)
+    assert batcher.image_prefix_cache == 0 and batcher.prefix_ids == []
+    example = ask([1], "Question 0: What is it?")
+    assert batcher.encode(example).key is None
+    on = Batcher(model, processor, image_prefix_cache=4)  # asked for: on
+    assert on.image_prefix_cache == 4 and on.encode(example).key is not None
+    with pytest.raises(ValueError, match="image_prefix_cache must be >= 0"):
+        Batcher(model, processor, image_prefix_cache=-1)
+
+
+def test_serve_flag_sets_the_image_prefix_cache(tiny):
+    from serve.__main__ import parse_args
+
+    assert parse_args([]).image_prefix_cache is None
+    assert parse_args(["--image-prefix-cache", "0"]).image_prefix_cache == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--image-prefix-cache", "-1"])
+    assert Engine(*tiny).batcher.image_prefix_cache == 32
+    assert Engine(*tiny, image_prefix_cache=0).batcher.image_prefix_cache == 0

@@ -1,6 +1,7 @@
 """Batched generation equals one-by-one generation; shared prefixes change nothing; streaming equals non-streaming;
 stop works."""
 
+import copy
 import json
 import random
 import threading
@@ -85,6 +86,15 @@ def test_generation_in_bfloat16_runs(model_processor):
     model = model.to(torch.bfloat16)
     (completion,) = generate(model, processor, _examples()[:1], max_new_tokens=4)
     assert completion.completion_tokens >= 1
+
+
+def test_shared_prefixes_run_in_bfloat16(lively):
+    # the pixels are hashed to group questions by image; numpy has no bfloat16, so this once raised a TypeError
+    model, processor = lively
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    stats = {}
+    shared = _shared(model, processor, _many_per_image()[:4], 4, stats, max_new_tokens=3)
+    assert len(shared) == 4 and stats["prefix_images"] >= 1
 
 
 def test_closing_a_stream_stops_its_generation_thread(model_processor):

@@ -87,3 +87,24 @@ def test_plain_string_completions_and_names():
     with pytest.raises(ValueError, match="unknown reward"):
         get_reward_funcs(["nope"])
     assert "<answer>" in FORMAT_SYSTEM_PROMPT
+
+
+def test_stated_format_pays_for_the_answer_form_the_sft_stages_teach():
+    from medllava.rewards import REWARD_FUNCS, has_stated_form
+
+    completions = [
+        "This is an MRI of the head. No.",  # closed: statement, then the verdict
+        "No.",  # closed without its statement
+        "This is an MRI of the head.",  # closed without a verdict
+        "left",  # open: a short phrase
+        "The lesion is in the left half of the image, near the top edge of it.",  # open: too long
+        "Yes.",  # open answered with a verdict
+        "B",  # choice: a letter
+    ]
+    types = ["CLOSED", "CLOSED", "CLOSED", "OPEN", "OPEN", "OPEN", "CHOICE"]
+    solutions = ["no", "no", "no", "left", "left", "left", "B"]
+    rewards = REWARD_FUNCS["stated_format"](None, completions, solution=solutions, answer_type=types)
+    assert rewards == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    # the answer type is inferred from the solution when a row has none
+    assert REWARD_FUNCS["stated_format"](None, ["There is no lesion. No."], solution=["no"]) == [1.0]
+    assert not has_stated_form("  ", "OPEN")
