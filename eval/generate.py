@@ -5,14 +5,17 @@ Usage:
     python -m eval.generate --model M --data FILE --output P --batch-size 16 --max-new-tokens 32 --limit 100
     python -m eval.generate ... --num-shards 2 --shard-index 0   # one process per shard, separate --output files
     python -m eval.generate ... --shuffle-images 0   # image-blind control: each question gets another picture
+    python -m eval.generate ... --shuffle-images 0 --shuffle-role prior    # swap only the prior studies
+    python -m eval.generate ... --shuffle-images 0 --shuffle-role volume   # each volume gets another's slices
     python -m eval.generate ... --no-shared-prefix   # recompute every prompt in full (the slower path, same answers)
 
-One JSON line per question (id, question, answer, prediction, answer_type, question_type, modality, latency_s,
-model, ...) is appended and flushed after each batch; questions are batched grouped by answer type and length,
-so lines come in that order, not the file's (latency_s is the wall time of the question's batch). Rerunning the same command resumes: ids already in the
-output are skipped, and a torn last line (a kill during a write) is cut off. Shard k takes the questions whose
-index in the file is k modulo the number of shards. A suffix per answer type is appended to the question
-(e.g. "Answer yes or no."); `--no-suffix` asks the bare question. Decoding is greedy, so runs are reproducible.
+One JSON line per question (id, question, answer, prediction, answer_type, question_type, modality, n_images,
+image_roles, latency_s, model, ...) is appended and flushed after each batch; questions are batched grouped by
+answer type and length, so lines come in that order, not the file's (latency_s is the wall time of the
+question's batch). Rerunning the same command resumes: ids already in the output are skipped, and a torn last
+line (a kill during a write) is cut off. Shard k takes the questions whose index in the file is k modulo the
+number of shards. A suffix per answer type is appended to the question (e.g. "Answer yes or no.");
+`--no-suffix` asks the bare question. Decoding is greedy, so runs are reproducible.
 
 By default the questions about one image share the prompt prefix (system prompt, image, anything before the
 question): it runs through the model once per image and its KV cache serves every question about it
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from eval.score import image_family
 from medllava.assets import resolve_model
 from medllava.generation import Completion, batch_key, shared_prefix_order
 from medllava.prompts import ANSWER_SUFFIXES, extract_answer, with_suffix
@@ -66,6 +70,7 @@ class Question:
     answer_type: str
     answer_type_inferred: bool
     metadata: dict
+    image_roles: list[str | None] | None = None  # the role of each image ("prior", "current" or None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,6 +110,7 @@ def load_questions(
                 answer_type=answer_type,
                 answer_type_inferred=inferred,
                 metadata={k: row[k] for k in METADATA if k in row},
+                image_roles=[e.get("role") for e in row["image_roles"]] if "image_roles" in row else None,
             )
         )
     return questions
@@ -131,6 +137,85 @@ def shuffle_images(questions: list[Question], seed: int) -> list[Question]:
         random.Random(seed).shuffle(group)
         replacement.update({key: group[(i + 1) % len(group)] for i, key in enumerate(group)})
     return [replace(q, images=list(replacement.get(tuple(q.images), q.images))) for q in questions]
+
+
+def shuffle_priors(questions: list[Question], seed: int) -> list[Question]:
+    """Comparison control: every prior image is replaced by another question's prior; the other images stay.
+
+    The distinct prior images (those whose `image_roles` entry is "prior") go in a seeded random cycle, each
+    replaced by the next, so every question with a prior gets one from another pair (of any modality) and
+    keeps its current image; questions without a prior are unchanged. A model that compares the two studies
+    loses accuracy here; one that reads only the current image does not.
+    """
+    priors: list[Path] = []
+    for q in questions:
+        for path, role in zip(q.images, q.image_roles or (), strict=False):
+            if role == "prior" and path not in priors:
+                priors.append(path)
+    if len(priors) < 2:
+        raise SchemaError(
+            "--shuffle-role prior needs at least two different prior images (image_roles 'prior') among the "
+            f"questions, found {len(priors)}"
+        )
+    random.Random(seed).shuffle(priors)
+    replacement = {path: priors[(i + 1) % len(priors)] for i, path in enumerate(priors)}
+    out = []
+    for q in questions:
+        roles = q.image_roles or [None] * len(q.images)
+        images = [replacement[p] if r == "prior" else p for p, r in zip(q.images, roles, strict=True)]
+        out.append(replace(q, images=images))
+    return out
+
+
+def _resample(slices: tuple[Path, ...], n: int) -> tuple[Path, ...]:
+    """`n` >= 2 evenly spaced slices of a volume, the first and last included (repeated if it has fewer)."""
+    return tuple(slices[round(i * (len(slices) - 1) / (n - 1))] for i in range(n))
+
+
+def shuffle_volumes(questions: list[Question], seed: int) -> list[Question]:
+    """Volume control: the whole set of slices of every volume row comes from another volume row.
+
+    Volume rows are those of several images none of which is a prior (`eval.score.image_family`). The distinct
+    slice lists of each slice count go in a seeded random cycle, each replaced by the next, so no row keeps
+    its own volume and the count of images (the prompt's placeholders and its "Images 1-N" line) is unchanged.
+    A slice count held by a single volume takes the slices of a seeded pick among the volumes of the nearest
+    other count (the larger on a tie), resampled to its count: evenly spaced, repeating slices when the donor
+    has fewer. Other rows are unchanged.
+    """
+    volumes: dict[int, list[tuple[Path, ...]]] = {}
+    for q in questions:
+        if image_family(len(q.images), q.image_roles) == "volume":
+            key = tuple(q.images)
+            group = volumes.setdefault(len(key), [])
+            if key not in group:
+                group.append(key)
+    found = sum(len(g) for g in volumes.values())
+    if found < 2:
+        raise SchemaError(
+            "--shuffle-role volume needs at least two different volumes (rows of several images, none a "
+            f"prior) among the questions, found {found}"
+        )
+    rng = random.Random(seed)
+    replacement = {}
+    for count in sorted(volumes):
+        group = volumes[count]
+        if len(group) >= 2:
+            rng.shuffle(group)
+            replacement.update({key: group[(i + 1) % len(group)] for i, key in enumerate(group)})
+    for count in sorted(volumes):
+        if len(volumes[count]) == 1:
+            donor_count = min((c for c in volumes if c != count), key=lambda c: (abs(c - count), -c))
+            donor = volumes[donor_count][rng.randrange(len(volumes[donor_count]))]
+            replacement[volumes[count][0]] = _resample(donor, count)
+    return [replace(q, images=list(replacement.get(tuple(q.images), q.images))) for q in questions]
+
+
+# --shuffle-role -> (function, what the model name records, what the log says)
+CONTROLS = {
+    None: (shuffle_images, "images shuffled", "images shuffled across questions"),
+    "prior": (shuffle_priors, "prior images shuffled", "each prior study replaced by another question's"),
+    "volume": (shuffle_volumes, "volumes shuffled", "each volume's slices replaced by another volume's"),
+}
 
 
 def shard(questions: list[Question], num_shards: int, shard_index: int) -> list[Question]:
@@ -208,6 +293,8 @@ def prediction_row(q: Question, completion, latency: float, batch_size: int, mod
         "question_type": q.metadata.get("question_type"),
         "modality": q.metadata.get("modality"),
         "source": q.metadata.get("source"),
+        "n_images": len(q.images),
+        "image_roles": q.image_roles,
         "latency_s": round(latency, 4),
         "batch_size": batch_size,
         "prompt_tokens": completion.prompt_tokens,
@@ -286,7 +373,7 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model)
     model_name = args.model_name or str(model_dir)
     if args.shuffle_images is not None:  # a control run never resumes into (or from) a normal run's file
-        model_name += f" [images shuffled, seed {args.shuffle_images}]"
+        model_name += f" [{CONTROLS[args.shuffle_role][1]}, seed {args.shuffle_images}]"
     suffixes = {"CLOSED": args.closed_suffix, "OPEN": args.open_suffix, "CHOICE": args.choice_suffix}
     if args.no_suffix:
         suffixes = {}
@@ -294,10 +381,12 @@ def run(args: argparse.Namespace) -> dict:
         Path(args.data), args.image_root and Path(args.image_root), suffixes, args.limit
     )
     if args.shuffle_images is not None:
-        questions = shuffle_images(questions, args.shuffle_images)
-        seed = args.shuffle_images
+        control, _, what = CONTROLS[args.shuffle_role]
+        real, questions = questions, control(questions, args.shuffle_images)
+        changed = sum(s.images != q.images for s, q in zip(questions, real, strict=True))
         print(
-            f"[eval.generate] image-blind control: images shuffled across questions (seed {seed})",
+            f"[eval.generate] control: {what} (seed {args.shuffle_images}); "
+            f"{changed} of {len(questions)} question(s) changed",
             file=sys.stderr,
         )
     mine = shard(questions, args.num_shards, args.shard_index)
@@ -407,6 +496,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SEED",
         help="image-blind control: ask each question about another question's picture",
     )
+    p.add_argument(
+        "--shuffle-role",
+        choices=[c for c in CONTROLS if c],
+        help="with --shuffle-images: replace only the prior images (the current ones stay), or only the "
+        "slices of volume rows (by another volume's, same count)",
+    )
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 64 if args.shared_prefix else 16
@@ -416,6 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--shard-index must be in [0, {args.num_shards}) and --num-shards >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
+    if args.shuffle_role and args.shuffle_images is None:
+        p.error("--shuffle-role needs --shuffle-images SEED")
     return args
 
 

@@ -7,8 +7,10 @@ Usage:
 
 Every metric comes from the registry in `medllava.metrics` (LLaVA-Med-compatible `llava_*` and `strict_*`),
 averaged over the questions of the answer types it applies to, overall and per question type and modality,
-with seeded bootstrap 95% confidence intervals. Writes DIR/metrics.json, DIR/metrics.md (also printed) and
-DIR/metrics.png. Several runs are put side by side.
+with seeded bootstrap 95% confidence intervals. When rows carry several images or `image_roles` (eval.generate
+records `n_images` and `image_roles`), also per image family: single image, longitudinal (a prior image among
+them) and volume (several images, none a prior: the slices of a volume). Writes DIR/metrics.json,
+DIR/metrics.md (also printed) and DIR/metrics.png. Several runs are put side by side.
 
 `--protocol NAME[,NAME...]` (or `all`) also scores each run the way another harness does (eval.protocols: ours,
 llava_med, medevalkit, lmms_eval, vlmevalkit, medgemma; the dataset variant is taken from each row's `source`):
@@ -44,6 +46,26 @@ HEADLINE = {
 }
 LENIENT = {"CLOSED": "llava_closed_accuracy", "OPEN": "llava_recall"}  # LLaVA-Med's paper numbers
 BREAKDOWNS = ("question_type", "modality")
+# What a question shows, from its image count and roles (image_family); the family breakdown is added when
+# a run has rows of more than one image or with image_roles.
+FAMILIES = ("single image", "longitudinal", "volume", "no image")
+
+
+def image_family(n_images: int | None, roles: list | None = None) -> str | None:
+    """The family of a question's images: "longitudinal" when one is a prior study, "volume" for several
+    images none of which is a prior (the slices of one volume), "single image" or "no image"; None when the
+    count is unknown."""
+    if n_images is None:
+        return None
+    if roles and "prior" in roles:
+        return "longitudinal"
+    return "volume" if n_images > 1 else "single image" if n_images == 1 else "no image"
+
+
+def row_family(row: dict) -> str | None:
+    roles = row.get("image_roles")
+    n_images = row.get("n_images")
+    return image_family(len(roles) if n_images is None and roles else n_images, roles)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,6 +91,15 @@ def read_predictions(paths: list[Path]) -> tuple[list[dict], dict]:
                 for k in ("id", "answer", "prediction", *optional)
                 if k in row and not isinstance(row[k], str) and not (k in optional and row[k] is None)
             ]
+            n_images, roles = row.get("n_images"), row.get("image_roles")
+            if n_images is not None and (type(n_images) is not int or n_images < 0):
+                wrong.append(f"'n_images' must be a count of images, got {n_images!r:.40}")
+            if roles is not None and (
+                not isinstance(roles, list) or not all(r is None or isinstance(r, str) for r in roles)
+            ):
+                wrong.append("'image_roles' must be a list of role names (or null) per image")
+            elif roles is not None and n_images is not None and len(roles) != n_images:
+                wrong.append(f"'image_roles' has {len(roles)} entries for {n_images} image(s)")
             if wrong:
                 raise SchemaError(f"{where}: {'; '.join(wrong)}")
             if row["id"] in seen:
@@ -191,6 +222,17 @@ def evaluate_run(rows: list[dict], seed: int = 0, n_boot: int = 1000) -> dict:
                 [p[0] for p in pairs], [p[1] for p in pairs], seed, n_boot
             )
         result[f"without_{key}"] = sum(r.get(key) is None for r in rows)
+    if any((r.get("n_images") or 0) > 1 or r.get("image_roles") for r in rows):
+        families = [row_family(r) for r in rows]
+        result["by_image_family"] = {}
+        for family in [f for f in FAMILIES if f in families]:
+            pairs = [(r, s) for r, s, f in zip(rows, scores, families, strict=True) if f == family]
+            group_rows, group_scores = [p[0] for p in pairs], [p[1] for p in pairs]
+            result["by_image_family"][family] = {
+                **by_answer_type(group_rows, group_scores, seed, n_boot),
+                "all": summarise(group_scores, ("accuracy",), seed, n_boot),
+            }
+        result["without_image_family"] = families.count(None)
     return result
 
 
@@ -230,8 +272,10 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {answer_type} (n={counts}) | {LABELS[metric]} | {kind} | " + " | ".join(cells) + " |"
             )
-    for key in BREAKDOWNS:
-        groups = sorted({g for n in names for g in runs[n][f"by_{key}"]})
+    for key in (*BREAKDOWNS, "image_family"):
+        groups = sorted({g for n in names for g in runs[n].get(f"by_{key}", {})})
+        if key == "image_family":
+            groups = [f for f in FAMILIES if f in groups]
         if not groups:
             continue
         lines += [
@@ -243,8 +287,9 @@ def markdown(report: dict) -> str:
         header = " | ".join(f"{n} LLaVA-Med | {n} strict" for n in names)
         lines += [f"| {key} | answer type | n | {header} |", "|---|---|---|" + "---|---|" * len(names)]
         for group in groups:
-            for answer_type in ANSWER_TYPE_METRICS:
-                entries = [runs[n][f"by_{key}"].get(group, {}).get(answer_type) for n in names]
+            # "all" (every answer type: strict accuracy) is there for the image families only
+            for answer_type in (*ANSWER_TYPE_METRICS, "all"):
+                entries = [runs[n].get(f"by_{key}", {}).get(group, {}).get(answer_type) for n in names]
                 if not any(entries):
                     continue
                 n_q = "/".join(str(e["accuracy"]["n"]) if e else "0" for e in entries)
