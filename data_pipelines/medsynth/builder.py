@@ -135,19 +135,24 @@ def build(args) -> dict:
     return rows
 
 
-def parse_args(argv=None):
+def base_parser(prog: str, description: str, counts: str) -> argparse.ArgumentParser:
+    """The arguments every medsynth build starts with: --out, --seed and --size (`counts`: what 1.0 gives)."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipelines.medsynth",
-        description=sys.modules[__package__].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same bytes")
     parser.add_argument(
-        "--size",
-        type=float,
-        default=1.0,
-        help="multiplier on the default counts (1.0: ~1,940 images, 12,000 train VQA rows)",
+        "--size", type=float, default=1.0, help=f"multiplier on the default counts (1.0: {counts})"
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    parser = base_parser(
+        "python -m data_pipelines.medsynth",
+        sys.modules[__package__].__doc__,
+        "~1,940 images, 12,000 train VQA rows",
     )
     parser.add_argument(
         "--train-images",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,9 +70,9 @@ class Instance:
     lesions: list[dict] = field(default_factory=list)  # asdict(Lesion)
 
 
-def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[Spec]:
-    """Modalities balanced (shuffled round robin), then a source and one of its units uniformly."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), 1])
+def balanced_units(units: Sequence[Unit], split: str, n: int, rng: np.random.Generator) -> Iterator[Unit]:
+    """n units of a split: modalities balanced (shuffled round robin), then a source and one of its units
+    uniformly. Drawn from `rng` one unit at a time, so the caller's own draws for a unit come before the next."""
     by_modality: dict[str, dict[str, list[Unit]]] = defaultdict(lambda: defaultdict(list))
     for unit in units:
         if unit.split == split:
@@ -80,14 +80,21 @@ def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[S
     modalities = sorted(by_modality)
     if not modalities:
         raise ValueError(f"no background unit is assigned to split {split!r}")
-    specs, cycle = [], []
-    for i in range(n):
+    cycle = []
+    for _ in range(n):
         if not cycle:
             cycle = [modalities[j] for j in rng.permutation(len(modalities))]
         modality = cycle.pop()
         sources = sorted(by_modality[modality])
         slices = by_modality[modality][sources[rng.integers(len(sources))]]
-        unit = slices[rng.integers(len(slices))]
+        yield slices[rng.integers(len(slices))]
+
+
+def sample_specs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[Spec]:
+    """Units as `balanced_units` draws them, then the findings of each."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), 1])
+    specs = []
+    for i, unit in enumerate(balanced_units(units, split, n, rng)):
         specs.append(
             Spec(
                 id=f"{SOURCE_NAME}-{split}-{i:05d}",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import math
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,24 +32,33 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.medsynth.backgrounds import SOURCE_BY_KEY, Unit
+from data_pipelines.medsynth.common_rows import (
+    MultiQuestion,
+    candidate,
+    image_stem,
+    instance_head,
+    multi_image_rows,
+    unit_fields,
+)
 from data_pipelines.medsynth.findings import (
     ATTEMPTS,
     MIN_CONTRAST,
     NOISE_SIGMA,
+    Spec,
     _draw,
     _luminance,
     _place,
     _to_image,
     add_noise,
     apply_augment,
+    balanced_units,
     measured_contrasts,
     sample_augment,
 )
-from data_pipelines.medsynth.questions import balanced_pick, quotas
+from data_pipelines.medsynth.questions import select_vqa
 from data_pipelines.medsynth.vocab import COUNT_WORDS, IN_DOMAIN, SOURCE_NAME, plural
-from medllava.image_roles import ImageInput, with_image_roles
-from medllava.prompts import stated_answer
-from medllava.schema import CLOSED, OPEN, make_vqa_row
+from medllava.image_roles import ImageInput
+from medllava.schema import CLOSED, OPEN
 
 FAMILY = "longitudinal"
 CHANGES = ("new", "grown", "shrunk", "resolved", "unchanged")
@@ -66,48 +74,19 @@ INTERVAL_DAYS = (30, 730)  # between the prior and the current study
 
 
 @dataclass
-class PairSpec:
-    id: str
-    split: str
-    unit: str  # Unit.key
-    source: str
-    modality: str
-    region: str
-    area: tuple
-    seed: int
+class PairSpec(Spec):
+    """A `findings.Spec` whose `count` is the lesion sites on either study (what `findings._place` places)."""
+
     change: str
     changed: int  # lesions that change (new, resolved; 1 for grown/shrunk; all of them when unchanged)
     steady: int  # unchanged lesions beside them
-    side: str
-    position: str
-    size: str
-    contrast: str
-
-    @property
-    def count(self) -> int:
-        """Lesion sites, on either study (what `findings._place` places)."""
-        return self.changed + self.steady
 
 
 def sample_pairs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[PairSpec]:
-    """n pair specs of a split: modalities balanced (shuffled round robin), then a source and one of its units
-    uniformly, then the change and the lesions."""
+    """n pair specs of a split: units as `findings.balanced_units` draws them, then the change and the lesions."""
     rng = np.random.default_rng([seed, IN_DOMAIN.index(split), 101])
-    by_modality: dict[str, dict[str, list[Unit]]] = defaultdict(lambda: defaultdict(list))
-    for unit in units:
-        if unit.split == split:
-            by_modality[unit.modality][unit.source].append(unit)
-    modalities = sorted(by_modality)
-    if not modalities:
-        raise ValueError(f"no background unit is assigned to split {split!r}")
-    specs, cycle = [], []
-    for i in range(n):
-        if not cycle:
-            cycle = [modalities[j] for j in rng.permutation(len(modalities))]
-        modality = cycle.pop()
-        sources = sorted(by_modality[modality])
-        candidates = by_modality[modality][sources[rng.integers(len(sources))]]
-        unit = candidates[rng.integers(len(candidates))]
+    specs = []
+    for i, unit in enumerate(balanced_units(units, split, n, rng)):
         change = CHANGES[rng.choice(len(CHANGES), p=CHANGE_WEIGHTS)]
         if change == "new":
             changed = int(rng.integers(1, 4))
@@ -122,12 +101,10 @@ def sample_pairs(units: Sequence[Unit], split: str, n: int, seed: int) -> list[P
             PairSpec(
                 id=f"{SOURCE_NAME}-long-{split}-{i:05d}",
                 split=split,
-                unit=unit.key,
-                source=unit.source,
-                modality=unit.modality,
-                region=unit.region,
+                **unit_fields(unit),
                 area=unit.box,
                 seed=int(rng.integers(2**63)),
+                count=changed + steady,
                 change=change,
                 changed=changed,
                 steady=steady,
@@ -250,19 +227,14 @@ def render_pair_job(
 ) -> dict:
     """Render one pair, save its two PNGs under out_dir/images/ and return its ground truth (one instance line)."""
     prior, current, truth = render_pair(spec, background, size)
-    stem = spec.id.removeprefix(SOURCE_NAME + "-")
+    stem = image_stem(spec.id)
     names = {}
     for when, image in (("prior", prior), ("current", current)):
         names[when] = f"images/{stem}-{when}.png"
         image.save(Path(out_dir) / names[when], format="PNG")
     lesions = truth["lesions"]
     return dict(
-        id=spec.id,
-        family=FAMILY,
-        split=spec.split,
-        unit=spec.unit,
-        source=spec.source,
-        file=file_label,
+        instance_head(spec, FAMILY, file_label),
         area=list(spec.area),
         modality=spec.modality,
         region=spec.region,
@@ -282,16 +254,8 @@ def render_pair_job(
 # --- questions and rows -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ChangeQuestion:
-    question_type: str
-    answer_type: str
-    wordings: tuple[str, ...]
-    share: float
-
-
 QUESTIONS = (
-    ChangeQuestion(
+    MultiQuestion(
         "CHANGE",
         OPEN,
         (
@@ -300,19 +264,19 @@ QUESTIONS = (
         ),
         0.3,
     ),
-    ChangeQuestion(
+    MultiQuestion(
         "NEW",
         CLOSED,
         ("Is there a new lesion on the current study?", "Has a new lesion appeared since the prior study?"),
         0.25,
     ),
-    ChangeQuestion(
+    MultiQuestion(
         "NEW_COUNT",
         OPEN,
         ("How many new lesions are there?", "How many lesions are new since the prior study?"),
         0.2,
     ),
-    ChangeQuestion(
+    MultiQuestion(
         "GROWN",
         CLOSED,
         ("Has the lesion grown since the prior study?", "Is the lesion larger than on the prior study?"),
@@ -342,12 +306,10 @@ GROWN_STATEMENT = {
 }
 
 
-def ask_pair(kind: ChangeQuestion, pair: dict, rnd: random.Random) -> dict | None:
-    """A candidate question about a pair (answer: the canonical short answer; statement: for CLOSED kinds, the
-    finding a stated answer states first), or None when the kind does not apply to the pair."""
+def ask_pair(kind: MultiQuestion, pair: dict, rnd: random.Random) -> dict | None:
+    """A candidate question about a pair (`common_rows.candidate`), or None when the kind does not apply."""
     if kind.question_type == "GROWN" and not single_tracked(pair):
         return None
-    question = rnd.choice(kind.wordings)
     if kind.question_type == "CHANGE":
         answer, statement = pair["change"], None
     elif kind.question_type == "NEW":
@@ -357,32 +319,13 @@ def ask_pair(kind: ChangeQuestion, pair: dict, rnd: random.Random) -> dict | Non
     else:
         status = pair["lesions"][0]["status"]
         answer, statement = ("yes" if status == "grown" else "no"), GROWN_STATEMENT[status]
-    return dict(
-        instance=pair,
-        question_type=kind.question_type,
-        answer_type=kind.answer_type,
-        question=question,
-        answer=answer,
-        statement=statement,
-    )
+    return candidate(kind, pair, rnd, answer, statement)
 
 
 def select_questions(pairs: Sequence[dict], n: int, rnd: random.Random) -> list[dict]:
     """n questions in the kinds' shares, answers balanced within each kind (`questions.balanced_pick`); a kind
     short of candidates leaves its rows to the others."""
-    pools = [[c for pair in pairs if (c := ask_pair(kind, pair, rnd))] for kind in QUESTIONS]
-    picked = []
-    for pool, quota in zip(pools, quotas(n, [kind.share for kind in QUESTIONS]), strict=True):
-        chosen = balanced_pick(pool, quota, rnd)
-        taken = {id(c) for c in chosen}
-        pool[:] = [c for c in pool if id(c) not in taken]
-        picked += chosen
-    for pool in pools:
-        if len(picked) >= n:
-            break
-        picked += balanced_pick(pool, n - len(picked), rnd)
-    rnd.shuffle(picked)
-    return picked[:n]
+    return select_vqa(pairs, n, rnd, QUESTIONS, candidate=ask_pair)
 
 
 def role_inputs(pair: dict) -> list[ImageInput]:
@@ -394,30 +337,14 @@ def image_roles(pair: dict) -> list[dict]:
 
 
 def pair_rows(picked: Sequence[dict], split: str) -> list[dict]:
-    """VQA rows: the prior then the current image, `image_roles` with their dates, the role line of
-    `medllava.image_roles` before the question; CLOSED answers stated ("There is no new lesion on the current
-    study. No."), OPEN ones the canonical phrase; `short_answer` on every row."""
-    rows = []
-    for i, c in enumerate(picked):
-        pair = c["instance"]
-        answer = c["answer"]
-        text = stated_answer(c["statement"], answer) if c["answer_type"] == CLOSED else answer
-        rows.append(
-            make_vqa_row(
-                f"{SOURCE_NAME}-long-vqa-{split}-{i:05d}",
-                [pair["prior"]["image"], pair["current"]["image"]],
-                with_image_roles(c["question"], role_inputs(pair)),
-                text,
-                c["answer_type"],
-                image_roles=image_roles(pair),
-                question_type=c["question_type"],
-                short_answer=answer,
-                modality=pair["modality"],
-                region=pair["region"],
-                source=SOURCE_NAME,
-                family=FAMILY,
-                instance=pair["id"],
-                unit=pair["unit"],
-            )
-        )
-    return rows
+    """VQA rows (`common_rows.multi_image_rows`): the prior then the current image, `image_roles` with their
+    dates, the role line of `medllava.image_roles` before the question; CLOSED answers stated ("There is no new
+    lesion on the current study. No."), OPEN ones the canonical phrase."""
+    return multi_image_rows(
+        picked,
+        split,
+        "long",
+        images=lambda pair: [pair["prior"]["image"], pair["current"]["image"]],
+        inputs=role_inputs,
+        roles=image_roles,
+    )

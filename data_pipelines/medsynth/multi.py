@@ -18,7 +18,6 @@ seed gives byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from data_pipelines.common import format_table, progress
 from data_pipelines.medsynth.backgrounds import SOURCE_BY_KEY, catalogue, load_background
+from data_pipelines.medsynth.builder import base_parser
 from data_pipelines.medsynth.longitudinal import pair_rows, render_pair_job, sample_pairs, select_questions
 from data_pipelines.medsynth.vocab import IN_DOMAIN
 from data_pipelines.medsynth.volume_rows import (
@@ -200,18 +200,10 @@ def counts_table(counts: dict) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m data_pipelines.medsynth.multi",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same bytes")
-    parser.add_argument(
-        "--size",
-        type=float,
-        default=1.0,
-        help="multiplier on the default counts (1.0: 1,040 pairs and 560 volumes; at least 8 of each per split)",
+    parser = base_parser(
+        "python -m data_pipelines.medsynth.multi",
+        __doc__,
+        "1,040 pairs and 560 volumes; at least 8 of each per split",
     )
     parser.add_argument(
         "--image-size", type=int, default=224, help="side of the pairs' square PNGs (default 224)"

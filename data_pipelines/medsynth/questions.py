@@ -429,21 +429,32 @@ def quotas(n: int, shares: Sequence[float]) -> list[int]:
     return out
 
 
-def select_vqa(instances: Sequence[dict], n: int, rnd: random.Random, table=VQA_QUESTIONS) -> list[dict]:
+def select_vqa(
+    instances: Sequence[dict],
+    n: int,
+    rnd: random.Random,
+    table=VQA_QUESTIONS,
+    candidate: Callable | None = None,
+    spread=_modality,
+) -> list[dict]:
     """n questions in the table's shares, answers balanced within each question kind; a kind short of
-    candidates (few images with lesions in a small build) leaves its rows to the others."""
-    vocab = {k: [inst[k] for inst in instances] for k in ("modality", "region")}
-    pools = [vqa_candidates(instances, kind, vocab, rnd) for kind in table]
+    candidates (few images with lesions in a small build) leaves its rows to the others. `candidate(kind,
+    instance, rnd)` (a candidate or None) stands for `vqa_candidates` where given; `spread` as `balanced_pick`."""
+    if candidate is None:
+        vocab = {k: [inst[k] for inst in instances] for k in ("modality", "region")}
+        pools = [vqa_candidates(instances, kind, vocab, rnd) for kind in table]
+    else:
+        pools = [[c for inst in instances if (c := candidate(kind, inst, rnd))] for kind in table]
     picked = []
     for pool, quota in zip(pools, quotas(n, [kind.share for kind in table]), strict=True):
-        chosen = balanced_pick(pool, quota, rnd)
+        chosen = balanced_pick(pool, quota, rnd, spread=spread)
         taken = {id(c) for c in chosen}
         pool[:] = [c for c in pool if id(c) not in taken]
         picked += chosen
     for pool in pools:  # top up from what is left, kind by kind
         if len(picked) >= n:
             break
-        picked += balanced_pick(pool, n - len(picked), rnd)
+        picked += balanced_pick(pool, n - len(picked), rnd, spread=spread)
     rnd.shuffle(picked)
     return picked[:n]
 

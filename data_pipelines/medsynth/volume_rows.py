@@ -33,12 +33,19 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.medsynth.backgrounds import SOURCES, Unit
+from data_pipelines.medsynth.common_rows import (
+    MultiQuestion,
+    candidate,
+    image_stem,
+    instance_head,
+    multi_image_rows,
+    unit_fields,
+)
 from data_pipelines.medsynth.findings import MIN_CONTRAST
-from data_pipelines.medsynth.questions import balanced_pick, quotas
+from data_pipelines.medsynth.questions import select_vqa
 from data_pipelines.medsynth.vocab import IN_DOMAIN, SOURCE_NAME
-from medllava.image_roles import ImageInput, describe_images, with_image_roles
-from medllava.prompts import stated_answer
-from medllava.schema import CLOSED, OPEN, make_vqa_row
+from medllava.image_roles import ImageInput, describe_images
+from medllava.schema import CLOSED, OPEN
 
 FAMILY = "volume"
 AXIS = "axial"
@@ -152,10 +159,7 @@ def sample_volume_specs(slabs: Sequence[Slab], split: str, n: int, seed: int) ->
             VolumeSpec(
                 id=f"{SOURCE_NAME}-vol-{split}-{i:05d}",
                 split=split,
-                unit=slab.key,
-                source=slab.source,
-                modality=slab.modality,
-                region=slab.region,
+                **unit_fields(slab),
                 seed=int(rng.integers(2**63)),
                 visible=int(rng.integers(1, shown + 1)) if lesion else 0,
                 contrast=("bright", "dark")[rng.integers(2)],
@@ -398,19 +402,14 @@ def render_volume_job(spec: VolumeSpec, slab: Slab, base: BaseVolume, out_dir: P
     """Render one instance, save its slices as PNGs under out_dir/images/ and return its ground truth."""
     shown, truth = render_volume(spec, slab, base)
     described = ImageInput.from_volume(shown)
-    stem = spec.id.removeprefix(SOURCE_NAME + "-")
+    stem = image_stem(spec.id)
     images = []
     for number, image in enumerate(shown.images, start=1):
         name = f"images/{stem}-{number}.png"
         image.convert("L").save(Path(out_dir) / name, format="PNG")  # grey: the three channels are equal
         images.append(name)
     return dict(
-        id=spec.id,
-        family=FAMILY,
-        split=spec.split,
-        unit=spec.unit,
-        source=spec.source,
-        file=base.label,
+        instance_head(spec, FAMILY, base.label),
         modality=spec.modality,
         region=spec.region,
         images=images,
@@ -432,11 +431,7 @@ def render_volume_job(spec: VolumeSpec, slab: Slab, base: BaseVolume, out_dir: P
 
 
 @dataclass(frozen=True)
-class VolumeQuestion:
-    question_type: str
-    answer_type: str
-    wordings: tuple[str, ...]
-    share: float
+class VolumeQuestion(MultiQuestion):
     needs_lesion: bool
 
 
@@ -484,32 +479,15 @@ def ask_volume(kind: VolumeQuestion, instance: dict, rnd: random.Random) -> dict
         answer = str(lesion["largest"])  # the image number the prompt's "Images 1-N" gives the slice
     else:
         answer, statement = ("yes" if lesion else "no"), presence_statement(instance)
-    return dict(
-        instance=instance,
-        question_type=kind.question_type,
-        answer_type=kind.answer_type,
-        question=rnd.choice(kind.wordings),
-        answer=answer,
-        statement=statement,
-    )
+    return candidate(kind, instance, rnd, answer, statement)
 
 
 def select_volume_questions(instances: Sequence[dict], n: int, rnd: random.Random) -> list[dict]:
     """n questions in the kinds' shares, answers balanced within each kind; a kind short of candidates leaves
-    its rows to the others."""
-    pools = [[c for inst in instances if (c := ask_volume(kind, inst, rnd))] for kind in QUESTIONS]
-    picked = []
-    for pool, quota in zip(pools, quotas(n, [kind.share for kind in QUESTIONS]), strict=True):
-        chosen = balanced_pick(pool, quota, rnd, spread=lambda c: c["instance"]["source"])
-        taken = {id(c) for c in chosen}
-        pool[:] = [c for c in pool if id(c) not in taken]
-        picked += chosen
-    for pool in pools:
-        if len(picked) >= n:
-            break
-        picked += balanced_pick(pool, n - len(picked), rnd, spread=lambda c: c["instance"]["source"])
-    rnd.shuffle(picked)
-    return picked[:n]
+    its rows to the others; within an answer the volumes as even as possible."""
+    return select_vqa(
+        instances, n, rnd, QUESTIONS, candidate=ask_volume, spread=lambda c: c["instance"]["source"]
+    )
 
 
 def volume_input(instance: dict) -> ImageInput:
@@ -519,29 +497,9 @@ def volume_input(instance: dict) -> ImageInput:
 
 
 def volume_rows(picked: Sequence[dict], split: str) -> list[dict]:
-    """VQA rows: the shown slices in order, the line of `medllava.image_roles` ("Images 1-5: MR volume. Slices
-    (axial, inferior to superior, mm from the first): 0, 2, 4, 6, 8.") before the question; the CLOSED answer
-    stated, OPEN ones a number; `short_answer` on every row."""
-    rows = []
-    for i, c in enumerate(picked):
-        inst = c["instance"]
-        answer = c["answer"]
-        text = stated_answer(c["statement"], answer) if c["answer_type"] == CLOSED else answer
-        rows.append(
-            make_vqa_row(
-                f"{SOURCE_NAME}-vol-vqa-{split}-{i:05d}",
-                inst["images"],
-                with_image_roles(c["question"], [volume_input(inst)]),
-                text,
-                c["answer_type"],
-                question_type=c["question_type"],
-                short_answer=answer,
-                modality=inst["modality"],
-                region=inst["region"],
-                source=SOURCE_NAME,
-                family=FAMILY,
-                instance=inst["id"],
-                unit=inst["unit"],
-            )
-        )
-    return rows
+    """VQA rows (`common_rows.multi_image_rows`): the shown slices in order, the line of `medllava.image_roles`
+    ("Images 1-5: MR volume. Slices (axial, inferior to superior, mm from the first): 0, 2, 4, 6, 8.") before the
+    question; the CLOSED answer stated, OPEN ones a number."""
+    return multi_image_rows(
+        picked, split, "vol", images=lambda inst: inst["images"], inputs=lambda inst: [volume_input(inst)]
+    )
