@@ -6,7 +6,7 @@ compare it with a sentence that states the answer (`python -m eval.diagnostics.y
 that comparison in words, cheaply (a caption is ~25 tokens, an image 64): each output row is a VQA conversation
 whose image is replaced by "Image description: <the image's caption>" before the first question. Mixed into the
 starter's stage 3 (a third of the conversations), they taught the comparison in words (AUC 0.85 when told) but
-barely from the image (0.55; MODEL_CARD.md), so the starter does not use them. Nothing in TRL or datasets builds
+barely from the image (0.55; docs/starter_v1_card.md), so the starter does not use them. Nothing in TRL or datasets builds
 such rows, hence this tool.
 
 Usage:

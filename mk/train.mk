@@ -7,14 +7,16 @@
 # starts over). NUM_PROCESSES, ACCELERATE_CONFIG and ARGS are defined in the main Makefile.
 #
 # The starter chain is defined once, by the stage targets below: without RECIPE, each trains its starter recipe
-# (train/recipes/starter/<name>.yaml) into $(STARTER_OUT)/<name>, from $(STARTER_OUT)/<previous name>:
-#   stage1_align (from 'base') -> stage2_instruct_lora -> stage3_specialist_lora -> dpo -> grpo
-# `make train-starter` runs train-stage1, -stage2, -stage3 and -dpo in that order, so running those targets one by
-# one trains the same models. With RECIPE, a target trains that recipe as written (its own model_name_or_path and
+# (train/recipes/starter_v2/<name>.yaml) into $(STARTER_OUT)/<name>, from $(STARTER_OUT)/<previous name>:
+#   stage1_align_tower (from 'base') -> stage2_instruct_lora_tower -> stage3_specialist_replay -> dpo | grpo
+# DPO and GRPO both start from stage 3. The starter ships stage 3: neither preference stage improved it on the val
+# split in the head-to-head (MODEL_CARD.md). `make train-starter` runs train-stage1, -stage2 and -stage3 in that
+# order, so running those targets one by one trains the same models. The previous starter's recipes stay in
+# train/recipes/starter/ (RECIPE=...). With RECIPE, a target trains that recipe as written (its own model_name_or_path and
 # output_dir; OUTPUT_DIR still overrides the latter).
 
-STARTER_RECIPES := train/recipes/starter
-STARTER_OUT ?= outputs/starter
+STARTER_RECIPES := train/recipes/starter_v2
+STARTER_OUT ?= outputs/starter_v2
 MEDSYNTH ?= data/medsynth
 
 # Without CUDA: DeepSpeed must pick its CPU accelerator (gloo); the configs set use_cpu themselves.
@@ -36,11 +38,11 @@ train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(STARTER_RECIPES)/$(2)
 
 .PHONY: train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter bench-train
 
-train-stage1: ## stage 1 (align: projector only) from the untrained base on medsynth captions (CPU starter)
-	$(call train_run,train/sft.py,stage1_align,)
+train-stage1: ## stage 1 (align: projector + the tower's last 2 feeding blocks, 168 px) from the untrained base on medsynth captions
+	$(call train_run,train/sft.py,stage1_align_tower,)
 
-train-stage2: ## stage 2 (instruct: LoRA on the LLM + projector) on medsynth conversations, from stage 1's output
-	$(call train_run,train/sft.py,stage2_instruct_lora,stage1_align)
+train-stage2: ## stage 2 (instruct: LoRA on the LLM, projector, tower blocks) on medsynth conversations, from stage 1's output
+	$(call train_run,train/sft.py,stage2_instruct_lora_tower,stage1_align_tower)
 
 # Stage 3 trains on the VQA rows merged per image (all of an image's questions, up to 16, in one conversation).
 # The medsynth files come from `make data`; without them a stage says so (and `make -n` still shows the chain).
@@ -50,32 +52,32 @@ $(MEDSYNTH)/vqa_train.jsonl:
 $(MEDSYNTH)/vqa_train_g16.jsonl: $(MEDSYNTH)/vqa_train.jsonl
 	$(PY) -m data_pipelines.group_turns --input $< --output $@ --max-turns 16 --seed 0
 
-train-stage3: $(if $(RECIPE),,$(MEDSYNTH)/vqa_train_g16.jsonl) ## stage 3 (specialist VQA: LoRA + projector), from stage 2's output
-	$(call train_run,train/sft.py,stage3_specialist_lora,stage2_instruct_lora)
+train-stage3: $(if $(RECIPE),,$(MEDSYNTH)/vqa_train_g16.jsonl) ## stage 3 (specialist VQA + replayed captions and conversations; LoRA on LLM and tower), from stage 2's output
+	$(call train_run,train/sft.py,stage3_specialist_replay,stage2_instruct_lora_tower)
 
 $(MEDSYNTH)/dpo_train.jsonl: $(MEDSYNTH)/vqa_train.jsonl
 	$(PY) -m data_pipelines.preferences dpo-swap --input $< --output $@
 
 train-dpo: $(if $(RECIPE),,$(MEDSYNTH)/dpo_train.jsonl) ## DPO with images (LoRA) on medsynth preference pairs, from stage 3's output
-	$(call train_run,train/dpo.py,dpo,stage3_specialist_lora)
+	$(call train_run,train/dpo.py,dpo,stage3_specialist_replay)
 
-train-grpo: ## GRPO with format + accuracy rewards on medsynth prompts, from DPO's output
-	$(call train_run,train/grpo.py,grpo,dpo)
+train-grpo: ## GRPO with stated-format + accuracy rewards on medsynth prompts, from stage 3's output
+	$(call train_run,train/grpo.py,grpo,stage3_specialist_replay)
 
-# The whole CPU curriculum: the stage targets above in order (stage 1 projector -> stage 2 LoRA r8 + projector ->
-# stage 3 LoRA r16 + projector -> DPO LoRA r8), every LoRA merged, so the result is a plain Llava whose change over
-# the base is the projector plus low-rank factors. Then the delta is written to medllava/starter/ (what `make setup`
+# The whole CPU curriculum: the stage targets above in order (stage 1 projector + tower blocks 9-10 at 168 px ->
+# stage 2 LoRA r8 + projector + those blocks -> stage 3 LoRA r16 on the LLM and the blocks + projector), every LoRA
+# merged, so the result is a plain Llava whose change over the base is the projector, the two tower blocks and
+# low-rank factors. Then the delta is written to medllava/starter/ (what `make setup`
 # rebuilds the starter from) and evaluated. STARTER_OUT moves every output; ARGS applies to every stage (e.g.
 # ARGS='--max_steps 2' for a smoke run); RECIPE and OUTPUT_DIR do not apply.
-train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3 -> DPO), its delta in medllava/starter/, eval
+train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3), its delta in medllava/starter/, eval
 	@test -f $(MEDSYNTH)/captions_train.jsonl || { echo "no $(MEDSYNTH)/captions_train.jsonl: run 'make data' first"; exit 1; }
 	$(MAKE) --no-print-directory train-stage1 RECIPE= OUTPUT_DIR=
 	$(MAKE) --no-print-directory train-stage2 RECIPE= OUTPUT_DIR=
 	$(MAKE) --no-print-directory train-stage3 RECIPE= OUTPUT_DIR=
-	$(MAKE) --no-print-directory train-dpo RECIPE= OUTPUT_DIR=
-	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/dpo
-	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/dpo OUT=$(STARTER_OUT)/eval
-	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align,stage2_instruct_lora,stage3_specialist_lora,dpo}; delta in medllava/starter/"
+	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/stage3_specialist_replay
+	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/stage3_specialist_replay OUT=$(STARTER_OUT)/eval
+	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align_tower,stage2_instruct_lora_tower,stage3_specialist_replay}; delta in medllava/starter/"
 
 bench-train: ## training tokens/s and peak memory of the default base at 112 px (stage 1 and stage 2/3 steps)
 	$(PY) -m bench.train_throughput

@@ -257,7 +257,7 @@ def _flag(command: str, name: str) -> str | None:
 
 
 def test_make_stage_targets_run_the_starter_chain():
-    stages = ("train-stage1", "train-stage2", "train-stage3", "train-dpo")
+    stages = ("train-stage1", "train-stage2", "train-stage3")
     starter = _make_dry_run("train-starter", "STARTER_OUT=/tmp/chain")
     one_by_one = _make_dry_run(*stages, "STARTER_OUT=/tmp/chain")
     assert len(starter) == len(stages) and starter == one_by_one
@@ -1088,5 +1088,9 @@ def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversation
     assert stage3.vision_training() == VisionTraining(stage3.vision_train_blocks, "lora")
     assert [Path(f).name for f in stage3.mix_files] == ["captions_train.jsonl", "instruct_train.jsonl"]
     assert stage3.image_size is None  # the side comes with stage 1's saved processor
-    # not in the starter chain (yet)
-    assert not any("starter_v2" in command for command in _make_dry_run("train-starter"))
+    # the starter chain trains them
+    chain = _make_dry_run("train-starter")
+    assert [_flag(command, "--config") for command in chain] == [
+        f"train/recipes/starter_v2/{name}.yaml"
+        for name in ("stage1_align_tower", "stage2_instruct_lora_tower", "stage3_specialist_replay")
+    ]
