@@ -78,7 +78,10 @@ def _wait_idle(page, engine, n_answers: int, timeout: float = 60) -> list[str]:
             time.sleep(0.3)  # the last streamed update reaches the page
             return page.locator("#chatbot [data-testid='bot']").all_inner_texts()
         time.sleep(0.1)
-    raise AssertionError(f"no answer {n_answers} within {timeout} s")
+    answers = page.locator("#chatbot [data-testid='bot']").all_inner_texts()
+    raise AssertionError(
+        f"no answer {n_answers} within {timeout} s: {engine.pending} pending, answers {answers!r}"
+    )
 
 
 # Records every distinct length of the last bot message as the page updates, to see the answer stream in.
