@@ -32,8 +32,9 @@ Every row sees exactly the tokens and positions of its own unpadded prompt (padd
 come from the mask), so in float32 a greedy answer under load equals the answer given alone, and a seeded sampled
 one too (each row draws from its own generator, seeded as `medllava.generation.generate` seeds torch's); tested in
 tests/test_batching.py. (In bf16 a batch rounds differently from a single row, and answers under load can differ.)
-The cache's layers grow in place (`RoomyLayer`) instead of concatenating the whole cache at every step. Sampling applies transformers' own warpers in `generate`'s order (temperature, top-k from
-the model's generation config or transformers' default of 50, top-p) and `torch.multinomial`, as `generate` does.
+The cache's layers grow in place (`RoomyLayer`) instead of concatenating the whole cache at every step. Sampling
+applies transformers' own warpers in `generate`'s order (temperature, top-k from the model's generation config or
+transformers' default of 50, top-p) and `torch.multinomial`, as `generate` does.
 
 Text is detokenised incrementally in the consumer's thread (a short window of ids is decoded, as vLLM does), so
 the worker only runs the model: no streamer thread, no per-token decoding of the whole answer in the loop.
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from medllava.generation import SamplingParams, _digest, _end_ids
+from medllava.generation import SamplingParams, _end_ids, image_prefix_key
 from medllava.processing import encode
 
 _END = object()  # the last item a generation's queue receives
@@ -185,9 +186,8 @@ class Generation:
         self.done = threading.Event()  # set once the worker holds no state for it
         self.usage: dict = {}
         self.error: BaseException | None = None
-        self.ids: list[
-            int
-        ] = []  # the answer's token ids (end-of-turn token excluded), filled by the consumer
+        # the answer's token ids (end-of-turn token excluded), filled by the consumer
+        self.ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
         detok = Detokenizer(self.batcher.tokenizer, self.batcher.tokenizer_lock)
@@ -314,13 +314,10 @@ class Batcher:
         prompt = _Prompt(batch["input_ids"][0], None if pixels is None else pixels.to(self.model.dtype))
         if prompt.pixels is not None and self.image_prefix_cache:
             # in the caller's thread: the worker only looks the key up
-            images = (prompt.ids == self.model.config.image_token_id).nonzero()
-            floor = int(images[-1]) + 1 if len(images) else 0
+            floor, key = image_prefix_key(prompt.ids, pixels, self.model.config.image_token_id)
             # at least one token after the prefix runs, for the first answer token's logits
             if 0 < floor < len(prompt.ids):
-                # the processor's pixels (float32): numpy, which `_digest` hashes through, has no bfloat16
-                digests = tuple(_digest(p) for p in pixels)
-                prompt.key, prompt.floor = (digests, tuple(prompt.ids[:floor].tolist())), floor
+                prompt.key, prompt.floor = key, floor
         return prompt
 
     def submit(

@@ -221,6 +221,18 @@ def _prompts(model, processor, examples: Sequence[dict], images_loaded: bool) ->
     return prompts
 
 
+def image_prefix_key(
+    ids: Sequence[int], pixels: torch.Tensor | None, image_token_id: int
+) -> tuple[int, tuple]:
+    """(floor, key) of a prompt's image prefix: floor = the index of its last image token + 1 (0 without images),
+    key = (the digests of its images' pixels, its ids up to floor). Prompts with equal keys share that prefix's
+    keys and values (eval's shared prefixes, the server's image-prefix cache)."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    floor = max((j + 1 for j, t in enumerate(ids) if t == image_token_id), default=0)
+    digests = () if pixels is None else tuple(_digest(p) for p in pixels)
+    return floor, (digests, tuple(ids[:floor]))
+
+
 def _group_prefixes(prompts: list[_Prompt], image_token_id: int) -> list[list[int]]:
     """Group prompts that share their images (same pixels) and their ids up to the last image token, and set each
     prompt's group and the group's prefix length.
@@ -234,10 +246,9 @@ def _group_prefixes(prompts: list[_Prompt], image_token_id: int) -> list[list[in
     groups: dict[tuple, list[int]] = {}
     floors = []  # per prompt: the prefix must hold every image token
     for i, prompt in enumerate(prompts):
-        ids = prompt.ids
-        floors.append(max((j + 1 for j, t in enumerate(ids) if t == image_token_id), default=0))
-        pixels = () if prompt.pixels is None else tuple(_digest(p) for p in prompt.pixels)
-        groups.setdefault((pixels, tuple(ids[: floors[i]])), []).append(i)
+        floor, key = image_prefix_key(prompt.ids, prompt.pixels, image_token_id)
+        floors.append(floor)
+        groups.setdefault(key, []).append(i)
     members_of = list(groups.values())
     common = []
     for members in members_of:
