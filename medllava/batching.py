@@ -379,6 +379,7 @@ class Batcher:
     # -- the worker -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        joiners: list[Generation] = []  # out of the queue, not yet rows while `_prefill` runs
         try:
             with torch.inference_mode():
                 while True:
@@ -396,6 +397,7 @@ class Batcher:
         except BaseException as error:  # noqa: BLE001 - every waiting consumer gets the error, none hangs
             with self._lock:
                 everyone = [row.gen for row in self._rows] + self._pending
+                everyone += [gen for gen in joiners if gen not in everyone and not gen.done.is_set()]
                 self._pending = []
                 self._rows = []
                 self._reset()

@@ -222,6 +222,31 @@ def test_a_failed_prefill_fails_only_its_request(sharp):
     assert (running.ids, running.usage) == expected
 
 
+def test_an_error_after_the_prefill_forward_reaches_the_joiners(sharp, monkeypatch):
+    """Joiners are out of the queue and not yet rows while their first tokens are sampled: an error there (e.g.
+    `torch.multinomial` refusing NaN probabilities) must reach them too, not leave their consumers waiting."""
+    model, processor = sharp
+    batcher = Batcher(model, processor, max_batch=4)
+
+    def broken(rows, logits):
+        raise RuntimeError("probability tensor contains nan")
+
+    monkeypatch.setattr(batcher, "_sample", broken)
+    generation = batcher.submit(example(1), SamplingParams(max_new_tokens=4, temperature=1.0, seed=0))
+    failed = []
+
+    def consume():
+        with pytest.raises(RuntimeError, match="contains nan") as error:
+            generation.text()
+        failed.append(error)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(30)
+    assert failed and generation.done.is_set(), "the request never ended"
+    assert batcher.running == 0 and batcher._thread is None
+
+
 def test_the_cached_template_prefix_changes_no_answer(sharp):
     model, processor = sharp
     cached, plain = Batcher(model, processor), Batcher(model, processor, prefix_cache=False)
@@ -536,6 +561,41 @@ def test_image_prefix_hits_change_no_answer(sharp):
     # one entry per image set (and system turn): 1; 9; 2; 3 with its system turn; 2 and 3
     assert len(cached._image_prefixes) == 5
     assert cached.running == 0
+
+
+def test_seeded_sampling_gives_the_same_answer_on_an_image_prefix_hit(sharp):
+    """A seeded sampled answer (the chat's Sampling settings) is the same whether its image prefix is computed
+    (a miss), taken from the cache (a hit, no prefill of the image), or joined in one prefill with others."""
+    model, processor = sharp
+    cached = Batcher(model, processor, max_batch=4)
+    plain = Batcher(model, processor, max_batch=4, image_prefix_cache=0)
+    cases = [
+        (ask([5, 6], "Has the lesion grown?"), SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)),
+        (
+            ask([5, 6], "And now?", turns=["Has the lesion grown?", "Maybe."]),
+            SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11),
+        ),
+    ]
+    expected = [_run(plain.submit(example, p)).ids for example, p in cases]
+    assert expected[0] != expected[1]
+    assert [_run(cached.submit(example, p)).ids for example, p in cases] == expected  # a miss, then a hit
+    assert cached.prefix_hits == 1
+    forwards = _Forwards(model)
+    try:
+        forwards.hold.clear()
+        forwards.entered.clear()
+        busy = cached.submit(ask([9], "Busy?"), SamplingParams(max_new_tokens=2, temperature=1.0, seed=1))
+        assert forwards.entered.wait(60)  # the model waits: the next three join in one prefill
+        other = cached.submit(ask([1], "Other?"), SamplingParams(max_new_tokens=12, temperature=1.0, seed=7))
+        joined = [cached.submit(example, p) for example, p in reversed(cases)]
+        forwards.hold.set()
+        busy.text()
+        other.text()
+        assert [_run(generation).ids for generation in reversed(joined)] == expected
+    finally:
+        forwards.hold.set()
+        forwards.handle.remove()
+    assert cached.prefix_hits == 3 and forwards.prefills[1] == (3, 1)
 
 
 def test_image_prefix_cache_keeps_the_most_recently_used(sharp):

@@ -63,10 +63,39 @@ def live(tiny_model_dir):
     thread.join(timeout=10)
 
 
+# Gradio renders the components of a closed accordion only when it is first opened, and one animation frame after
+# they appear it pushes their initial values into them once more (`render_previously_invisible_children` in its
+# frontend): a value typed in between is silently replaced by the default. That is how the temperature went back
+# to 0 in about one run in ten, and the greedy tiny model answered blank lines (`answers ['']`). `_open` waits
+# until that push is over; `_set_number` and `_fill` then check that the value has stayed.
+_NEXT_FRAMES = (
+    "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done))))"
+)
+SAMPLING = ("#temperature", "#top-p", "#max-new-tokens", "#seed")
+STUDIES = ("#prior-files", "#prior-date", "#current-files", "#current-date")
+
+
+def _open(page, elem_id: str, parts: tuple[str, ...]) -> None:
+    """Open an accordion and wait until its `parts` (selectors) are rendered and Gradio has pushed their values."""
+    page.click(f"#{elem_id} button, #{elem_id} .label-wrap")
+    for part in parts:
+        page.wait_for_selector(f"{part} input, {part} textarea", state="attached", timeout=15_000)
+    page.evaluate(_NEXT_FRAMES)
+
+
+def _fill(page, selector: str, text: str, enter: bool = False) -> None:
+    """Type `text` into a field (then Enter if `enter`) and check that it is still there a few frames later."""
+    field = page.locator(selector).first
+    field.fill(text)
+    if enter:
+        field.press("Enter")
+    page.evaluate(_NEXT_FRAMES)
+    shown = field.input_value()
+    assert shown == text, f"{selector} shows {shown!r} after {text!r} was typed into it"
+
+
 def _set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    _fill(page, f"#{elem_id} input[type=number]", str(value), enter=True)
 
 
 def _wait_idle(page, engine, n_answers: int, timeout: float = 60) -> list[str]:
@@ -115,7 +144,7 @@ def test_chat_in_headless_chromium(chromium, live, tmp_path):
         assert "not for clinical use" in page.inner_text("#notice").lower()
 
         # Sampling controls: the random test model only says something other than blank lines when sampling.
-        page.click("#sampling button, #sampling .label-wrap")
+        _open(page, "sampling", SAMPLING)
         _set_number(page, "temperature", 1.0)
         _set_number(page, "seed", 11)
         _set_number(page, "max-new-tokens", 48)
@@ -177,10 +206,6 @@ def _ct_nifti(path: Path) -> None:
     nib.save(nib.Nifti1Image(w, np.diag([-0.8, -0.8, 2.5, 1.0])), path)
 
 
-def _open(page, elem_id: str) -> None:
-    page.click(f"#{elem_id} button, #{elem_id} .label-wrap")
-
-
 def test_prior_current_and_volume_uploads_in_headless_chromium(chromium, live, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -196,16 +221,16 @@ def test_prior_current_and_volume_uploads_in_headless_chromium(chromium, live, t
         page.goto(url + "/")
         page.wait_for_selector("#question textarea", timeout=30_000)
         assert "not for clinical use" in page.inner_text("#notice").lower()
-        _open(page, "sampling")
+        _open(page, "sampling", SAMPLING)
         _set_number(page, "temperature", 1.0)
         _set_number(page, "seed", 3)
         _set_number(page, "max-new-tokens", 24)
 
         # Turn 1: a prior and a current study in their slots, with the prior's date.
-        _open(page, "studies")
+        _open(page, "studies", STUDIES)
         page.set_input_files("#prior-files input[type=file]", str(prior))
         page.set_input_files("#current-files input[type=file]", str(current))
-        page.locator("#prior-date input, #prior-date textarea").first.fill("2025-03-01")
+        _fill(page, "#prior-date input, #prior-date textarea", "2025-03-01")
         page.wait_for_function(
             "() => ['#prior-files', '#current-files'].every(id => document.querySelector(id).innerText.includes('scan-'))",
             timeout=15_000,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import inspect
 import io
+import itertools
 import json
 import threading
 import time
@@ -570,19 +571,31 @@ def test_stop_button_ends_the_answer_early(live, tmp_path):
     value = {"text": "Describe everything.", "files": [handle_file(image)]}
     sampled = (1.0, 1.0, 96, 5)
     full = Client(live[0] + "/", verbose=False).predict(value, *sampled, api_name="/chat")[1]
-    # The tiny model can write all 96 tokens before a Stop request lands; 40 ms per decoding step makes the
-    # answer take ~4 s, so a Stop sent once streaming has begun always arrives mid-answer.
-    slow = live[1].model.register_forward_pre_hook(lambda *_: time.sleep(0.04))
+    # The tiny model writes all 96 tokens before a Stop request lands, and a fixed slowdown of its steps can be
+    # outrun on a busy machine (a sleep per step lasts as long under load; the HTTP round trips of the streamed
+    # answer and of the Stop do not). So from its fourth forward on, the model waits until Stop has been pressed:
+    # the answer cannot end before the Stop lands, and ends within a step after it.
+    pressed, forwards = threading.Event(), itertools.count()
+
+    def hold(*_) -> None:
+        if next(forwards) >= 3:
+            pressed.wait(60)
+
+    held = live[1].model.register_forward_pre_hook(hold)
     try:
         chat = Client(live[0] + "/", verbose=False)
         job = chat.submit(value, *sampled, api_name="/chat")
         deadline = time.monotonic() + 30
-        while len(job.outputs()) < 3 and time.monotonic() < deadline:  # streaming has begun
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:  # streaming has begun
             time.sleep(0.01)
+        shown = job.outputs()
+        assert shown and _texts(shown[-1][1], "assistant"), f"no answer began streaming: {shown}"
         chat.predict(api_name="/stop")
+        pressed.set()
         stopped = job.result()[1]
     finally:
-        slow.remove()
+        pressed.set()
+        held.remove()
     # gr.Chatbot shows text through inspect.cleandoc, which may re-indent lines: compare with whitespace collapsed
     full_answer, stopped_answer = (" ".join(_texts(h, "assistant")[0].split()) for h in (full, stopped))
     assert full_answer.startswith(stopped_answer) and len(stopped_answer) < len(full_answer), (full, stopped)
