@@ -9,6 +9,8 @@ Usage:
     python -m data_pipelines.group_turns --input data/medsynth/vqa_train.jsonl \\
         --output data/medsynth/vqa_train_grouped.jsonl --max-turns 8 --seed 0
     python -m data_pipelines.group_turns --input data/slake/train.jsonl --output data/slake/train_grouped.jsonl
+    python -m data_pipelines.group_turns --input data/medsynth_multi/longitudinal_train.jsonl \\
+        data/medsynth_multi/volume_train.jsonl --output data/medsynth_multi/multi_train_g8.jsonl
 
 Relative image paths are rewritten to stay valid from the output's folder. Rows are grouped by their image list (the same file(s), in order). Within an image the questions are shuffled
 (seeded) and cut into conversations of at most --max-turns turns; the conversations are shuffled too. Each output
@@ -91,7 +93,7 @@ def group_rows(rows: list[dict], max_turns: int, seed: int) -> tuple[list[dict],
                 "question_types": [r.get("question_type") for r in chunk],
                 "source_ids": [r["id"] for r in chunk],
             }
-            for field in ("source", "modality", "region"):
+            for field in ("source", "modality", "region", "family"):
                 if first.get(field) is not None:
                     merged[field] = first[field]
             out.append(merged)
@@ -105,15 +107,17 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", required=True, type=Path, help="schema JSONL of single-turn VQA rows")
+    p.add_argument(
+        "--input", required=True, type=Path, nargs="+", help="schema JSONL file(s) of single-turn VQA rows"
+    )
     p.add_argument("--output", required=True, type=Path, help="grouped schema JSONL")
     p.add_argument("--max-turns", type=int, default=8, help="questions per conversation at most (default 8)")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0); same seed, same bytes")
     args = p.parse_args(argv)
     if args.max_turns < 1:
         p.error("--max-turns must be >= 1")
-    if args.input.resolve() == args.output.resolve():
-        p.error("--output must differ from --input")
+    if any(path.resolve() == args.output.resolve() for path in args.input):
+        p.error("--output must differ from every --input")
     return args
 
 
@@ -122,12 +126,13 @@ def main(argv=None) -> int:
     rejects = Rejects()
     rows = []
     try:
-        for line, row in read_jsonl(args.input):
-            problem = single_turn_problem(row)
-            if problem:
-                rejects.add(f"{args.input}:{line}", problem, row)
-            else:
-                rows.append({**row, "images": rebase(row["images"], args.input.parent, args.output.parent)})
+        for path in args.input:
+            for line, row in read_jsonl(path):
+                problem = single_turn_problem(row)
+                if problem:
+                    rejects.add(f"{path}:{line}", problem, row)
+                else:
+                    rows.append({**row, "images": rebase(row["images"], path.parent, args.output.parent)})
     except (OSError, SchemaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

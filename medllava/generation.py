@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from medllava.processing import encode
+from medllava.token_budget import enable_pooling
 
 
 @dataclass
@@ -87,6 +88,8 @@ def load(model_dir: str, dtype: str | torch.dtype = "float32", device: str = "cp
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # rows over the image-token budget arrive with fewer tokens per image (medllava.token_budget)
+    enable_pooling(model)
     processor = AutoProcessor.from_pretrained(model_dir)
     return model, processor
 

@@ -14,6 +14,7 @@ of non-identifying technical tags.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medllava.safe_text import mark_control_text
+from medllava.token_budget import DEFAULT_BUDGET, pooled_side, shrink_rows
 
 # The one pixel limit (per frame/slice); larger is treated as a decompression bomb. The server's
 # `Limits.max_image_pixels` defaults to it and passes it on as `load_image(..., max_pixels=...)`.
@@ -452,18 +454,46 @@ def encode(
     Returns the LlavaProcessor BatchFeature (input_ids, attention_mask, pixel_values). Never truncates: image
     tokens must match the vision features exactly.
     """
-    texts, images = [], []
+    texts, images, n_images = [], [], []
     for example in examples:
         check_example(example)
         # message text never becomes control tokens: a user cannot forge a turn (medllava.safe_text)
         texts.append(
             render(processor, mark_control_text(processor, example["messages"]), add_generation_prompt)
         )
-        images.extend(im if images_loaded else load_image(im) for im in (example.get("images") or []))
+        row_images = example.get("images") or []
+        n_images.append(len(row_images))
+        images.extend(im if images_loaded else load_image(im) for im in row_images)
+    keeps = [tokens_per_image(processor, n) for n in n_images]
     processor.tokenizer.padding_side = padding_side
-    return processor(
+    batch = processor(
         text=texts, images=images or None, padding=True, return_tensors="pt", sanitize_control_tokens=True
     )
+    full = image_token_count(processor)
+    if any(keep < full for keep in keeps):
+        batch["input_ids"], batch["attention_mask"] = shrink_rows(
+            batch["input_ids"],
+            batch["attention_mask"],
+            processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+            full,
+            keeps,
+            processor.tokenizer.pad_token_id,
+            padding_side,
+        )
+    return batch
+
+
+def tokens_per_image(processor, n_images: int) -> int:
+    """Image tokens each of a row's n_images images is given under the processor's token budget
+    (`processor.image_token_budget` if set, else medllava.token_budget.DEFAULT_BUDGET): all of them within the
+    budget, else a pooled square grid (medllava.token_budget). Models that keep the CLS token ("full" strategy)
+    or have a non-square patch grid are never pooled."""
+    full = image_token_count(processor)
+    side = math.isqrt(full)
+    if processor.vision_feature_select_strategy != "default" or side * side != full:
+        return full
+    budget = getattr(processor, "image_token_budget", None) or DEFAULT_BUDGET
+    return pooled_side(n_images, side, budget) ** 2
 
 
 def assistant_spans(input_ids: Sequence[int], tokenizer) -> list[tuple[int, int]]:
@@ -541,7 +571,7 @@ def count_tokens(processor, example: dict) -> int:
     text = render(processor, mark_control_text(processor, example["messages"]), add_generation_prompt=False)
     n_images = count_image_placeholders(example["messages"])
     ids = processor.tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
-    return len(ids) + n_images * (image_token_count(processor) - 1)
+    return len(ids) + n_images * (tokens_per_image(processor, n_images) - 1)
 
 
 def image_token_count(processor) -> int:

@@ -36,7 +36,7 @@ train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(STARTER_RECIPES)/$(2)
 	$(if $(RECIPE),,$(if $(3),--model_name_or_path $(STARTER_OUT)/$(3))) \
 	$(if $(call train_out,$(2)),--output_dir $(call train_out,$(2))) $(ARGS)
 
-.PHONY: train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter bench-train
+.PHONY: train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter train-multi bench-train
 
 train-stage1: ## stage 1 (align: projector + the tower's last 2 feeding blocks, 168 px) from the untrained base on medsynth captions
 	$(call train_run,train/sft.py,stage1_align_tower,)
@@ -78,6 +78,19 @@ train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3), its delta
 	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/stage3_specialist_replay
 	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/stage3_specialist_replay OUT=$(STARTER_OUT)/eval
 	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align_tower,stage2_instruct_lora_tower,stage3_specialist_replay}; delta in medllava/starter/"
+
+# The multi-image recipe (issue 17): prior/current pairs and volume slices from `make data-multi`, grouped per instance,
+# trained on top of the shipped starter (not part of train-starter's 120-minute budget).
+MEDSYNTH_MULTI ?= data/medsynth_multi
+$(MEDSYNTH_MULTI)/multi_train_g8.jsonl: $(MEDSYNTH_MULTI)/longitudinal_train.jsonl $(MEDSYNTH_MULTI)/volume_train.jsonl
+	$(PY) -m data_pipelines.group_turns --input $(MEDSYNTH_MULTI)/longitudinal_train.jsonl \
+		$(MEDSYNTH_MULTI)/volume_train.jsonl --output $@ --max-turns 8 --seed 0
+$(MEDSYNTH_MULTI)/longitudinal_train.jsonl $(MEDSYNTH_MULTI)/volume_train.jsonl:
+	@echo "no $@: run 'make data-multi' first"; exit 1
+
+train-multi: $(if $(RECIPE),,$(MEDSYNTH_MULTI)/multi_train_g8.jsonl $(MEDSYNTH)/vqa_train_g16.jsonl) ## multi-image recipe (prior/current pairs, volumes) on top of the starter
+	$(TRAIN_LAUNCH) train/sft.py --config $(or $(RECIPE),$(STARTER_RECIPES)/multi_image.yaml) \
+		$(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR)) $(ARGS)
 
 bench-train: ## training tokens/s and peak memory of the default base at 112 px (stage 1 and stage 2/3 steps)
 	$(PY) -m bench.train_throughput

@@ -523,6 +523,31 @@ def test_group_turns_merges_questions_per_image(vqa_file, tmp_path):
     assert group_turns.main(argv) == 0 and read_rows(out) == rows  # same seed, same rows
 
 
+def test_group_turns_merges_several_files_of_multi_image_rows(tmp_path):
+    # prior/current pairs from one file and volume slices from another (make train-multi): grouped per image list
+    for name in ("p.png", "c.png", "s1.png", "s2.png"):
+        save_image(tmp_path / name, 1)
+    pairs = [
+        make_vqa_row(f"l{i}", ["p.png", "c.png"], q, a, CLOSED) | {"family": "longitudinal"}
+        for i, (q, a) in enumerate([("Has it grown?", "no"), ("Is there a new lesion?", "yes")])
+    ]
+    slices = [make_vqa_row("v0", ["s1.png", "s2.png"], "On which slice is it largest?", "2", OPEN)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "vol.jsonl").write_text(json.dumps(slices[0] | {"family": "volume"}) + "\n")
+    out = tmp_path / "multi.jsonl"
+    argv = ["--input", str(tmp_path / "long.jsonl"), str(tmp_path / "vol.jsonl"), "--output", str(out)]
+    assert group_turns.main(argv) == 0
+    rows = {tuple(r["images"]): r for r in read_rows(out)}
+    assert set(rows) == {("p.png", "c.png"), ("s1.png", "s2.png")}
+    pair = rows[("p.png", "c.png")]
+    assert sorted(pair["source_ids"]) == ["l0", "l1"] and pair["family"] == "longitudinal"
+    assert [p["type"] for p in pair["messages"][0]["content"]] == ["image", "image", "text"]
+    assert rows[("s1.png", "s2.png")]["family"] == "volume"
+    assert all(validate_row(r, tmp_path) == [] for r in rows.values())
+    with pytest.raises(SystemExit):
+        group_turns.main(["--input", str(tmp_path / "long.jsonl"), str(out), "--output", str(out)])
+
+
 def test_described_replaces_the_image_by_its_caption_and_keeps_closed_turns(tmp_path):
     for name in ("a.png", "b.png"):
         save_image(tmp_path / name, 1)

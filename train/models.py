@@ -17,6 +17,7 @@ from medllava.modeling import (
     vision_lora_target,
     vision_train_modules,
 )
+from medllava.token_budget import enable_pooling
 from train.configs import PART_LR_FIELDS
 from train.trl_lm_head_patch import score_labelled_positions_only
 
@@ -119,6 +120,9 @@ def get_model(model_args, script_args, training_args):
         quantization_config=quantization_config,
         device_map=get_kbit_device_map() if quantization_config is not None else None,
     )
+    # SFT rows over the image-token budget are encoded with fewer tokens per image (medllava.token_budget);
+    # DPO and GRPO rows go through TRL's processing, which never pools, so for them this changes nothing
+    enable_pooling(model)
     processor = AutoProcessor.from_pretrained(path, revision=model_args.model_revision)
     if script_args.image_size is not None:
         tokens = set_image_size(model, processor, script_args.image_size)
