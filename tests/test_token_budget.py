@@ -149,3 +149,25 @@ def test_generate_pools_images_it_encodes_before_the_prefill(budgeted):
         expected = model(**batch).logits[0, -1].argmax()
         out = model.generate(**batch, max_new_tokens=1, do_sample=False)
     assert out[0, -1] == expected
+
+
+def test_the_serving_batcher_answers_pooled_rows_as_generate_does(budgeted):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medllava.batching import Batcher
+    from medllava.generation import SamplingParams
+
+    model, processor = budgeted
+    rows = [_row(4, seed=21), _row(1, seed=25), _row(3, seed=27)]
+    params = SamplingParams(max_new_tokens=5)
+    batcher = Batcher(model, processor, max_batch=4)
+
+    def answer(row):
+        generation = batcher.submit(row, params)
+        "".join(generation)
+        return processor.tokenizer.decode(generation.ids, skip_special_tokens=True).strip()
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        together = list(pool.map(answer, rows))
+    for row, text in zip(rows, together, strict=True):
+        assert text == generate(model, processor, [row], params, images_loaded=True)[0].text
