@@ -114,15 +114,16 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int, full: int) -> list[
 
 
 def pool_tokens(features: torch.Tensor, side: int) -> torch.Tensor:
-    """(side_in^2, D) patch tokens of one image -> (side^2, D), average-pooled on the patch grid."""
-    n, dim = features.shape
+    """(..., side_in^2, D) patch tokens of one image or a batch of them -> (..., side^2, D), average-pooled on the
+    patch grid (row-major patches, as the tower emits them)."""
+    *lead, n, dim = features.shape
     side_in = math.isqrt(n)
     if side_in * side_in != n:
         raise ValueError(f"{n} image tokens are not a square grid: only grid features can be pooled")
     if side == side_in:
         return features
-    grid = features.T.reshape(1, dim, side_in, side_in)
-    return F.adaptive_avg_pool2d(grid, side).reshape(dim, side * side).T
+    grid = features.transpose(-1, -2).reshape(-1, dim, side_in, side_in)
+    return F.adaptive_avg_pool2d(grid, side).reshape(*lead, dim, side * side).transpose(-1, -2)
 
 
 def _pooled(features: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
@@ -152,9 +153,9 @@ def enable_pooling(model) -> None:
             kwargs.pop("kwargs", None)
         input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        # "full" strategy keeps the CLS token, which is not on the grid: such models are never pooled
         if input_ids is None or (pixel_values is None and encoded is None):
             return None
+        # "full" strategy keeps the CLS token, which is not on the grid: such models are never pooled
         if module.config.vision_feature_select_strategy != "default":
             return None
         if pixel_values is not None:

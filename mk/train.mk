@@ -89,8 +89,7 @@ $(MEDSYNTH_MULTI)/longitudinal_train.jsonl $(MEDSYNTH_MULTI)/volume_train.jsonl:
 	@echo "no $@: run 'make data-multi' first"; exit 1
 
 train-multi: $(if $(RECIPE),,$(MEDSYNTH_MULTI)/multi_train_g8.jsonl $(MEDSYNTH)/vqa_train_g16.jsonl) ## multi-image recipe (prior/current pairs, volumes) on top of the starter
-	$(TRAIN_LAUNCH) train/sft.py --config $(or $(RECIPE),$(STARTER_RECIPES)/multi_image.yaml) \
-		$(if $(OUTPUT_DIR),--output_dir $(OUTPUT_DIR)) $(ARGS)
+	$(call train_run,train/sft.py,multi_image,)
 
 bench-train: ## training tokens/s and peak memory of the default base at 112 px (stage 1 and stage 2/3 steps)
 	$(PY) -m bench.train_throughput

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from medllava.generation import load
 from medllava.processing import load_image
 from medllava.reports import markdown_table
 from medllava.schema import read_rows
+from medllava.token_budget import pool_tokens
 
 # fact -> which images it is defined on (None: every image)
 FACTS = {
@@ -83,11 +85,8 @@ def image_features(
             h = hidden[layer].float()
             if strategy == "default":
                 h = h[:, 1:]
-            side = int(round(h.shape[1] ** 0.5))
-            if side * side != h.shape[1]:
-                raise ValueError(f"{h.shape[1]} patch tokens are not a square grid")
-            grid = h.transpose(1, 2).reshape(len(h), -1, side, side)
-            grid = torch.nn.functional.adaptive_avg_pool2d(grid, min(side, GRID))
+            # (N, g*g, D) -> (N, D, g*g) flattened: each channel's pooled grid in turn
+            grid = pool_tokens(h, min(math.isqrt(h.shape[1]), GRID)).transpose(1, 2)
             out[layer]["mean"].append(h.mean(1))
             out[layer]["grid"].append(grid.flatten(1))
             if tokens:

@@ -67,14 +67,10 @@ def single_images(data: Path, split: str) -> tuple[list[Path], dict[str, list]]:
     return [data / r["image"] for r in rows], facts
 
 
-def pooled(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    return torch.stack([pool_tokens(t.float(), side) for t in tokens])
-
-
 def probe_scores(feats: dict[str, torch.Tensor], labels: dict[str, list], side: int, mlp_epochs: int) -> dict:
     """{probe: accuracy} for one fact at one side; rows whose label is None are left out."""
     keep = {s: [i for i, y in enumerate(labels[s]) if y is not None] for s in feats}
-    x = {s: pooled(feats[s][keep[s]], side) for s in feats}
+    x = {s: pool_tokens(feats[s][keep[s]].float(), side) for s in feats}
     y = {s: torch.tensor([labels[s][i] for i in keep[s]]) for s in feats}
     linear = fit_probe(x["train"].flatten(1), y["train"], x["test"].flatten(1))
     mlp, _ = fit_mlp_probe(x["train"], y["train"], x["val"], y["val"], x["test"], epochs=mlp_epochs)
