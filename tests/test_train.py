@@ -1094,3 +1094,173 @@ def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversation
         f"train/recipes/starter_v2/{name}.yaml"
         for name in ("stage1_align_tower", "stage2_instruct_lora_tower", "stage3_specialist_replay")
     ]
+
+
+# --- the auxiliary findings loss (train/findings.py) ---------------------------------------------------------
+
+
+def _write_instances(root: Path, n: int) -> None:
+    modalities, counts = ["CT", "MRI"], [0, 1, 2, 3]
+    rows = []
+    for i in range(n):
+        count = counts[i % 4]
+        lesion = {"side": "left", "position": "upper", "size": "small", "contrast": "dark"} if count else {}
+        rows.append(
+            {"image": f"images/{i}.png", "modality": modalities[i % 2], "region": "head", "count": count}
+            | {k: lesion.get(k) for k in ("side", "position", "size", "contrast")}
+        )
+    write_jsonl(root / "instances_train.jsonl", rows)
+
+
+def test_findings_labels_follow_the_instances_and_unknown_images_add_nothing(data, tmp_path):
+    from train.findings import FACTS, FindingsLabels
+
+    with pytest.raises(FileNotFoundError, match="instances_"):
+        FindingsLabels([tmp_path / "sft.jsonl"])
+    _write_instances(data["root"], 16)
+    labels = FindingsLabels([data["sft"]])
+    assert labels.classes["count"] == ["0", "1", "2", "3"] and labels.classes["present"] == ["no", "yes"]
+    assert labels.classes["side"] == ["left", "none"]
+    got = dict(zip(FACTS, labels(str(data["root"] / "images" / "3.png")), strict=True))
+    assert got["modality"] == labels.classes["modality"].index("MRI") and got["count"] == 3
+    assert got["present"] == 1 and got["side"] == 0
+    assert dict(zip(FACTS, labels(str(data["root"] / "images" / "4.png")), strict=True))["side"] == 1
+    assert labels(str(tmp_path / "elsewhere.png")) == [-100] * len(FACTS)
+
+
+@pytest.mark.parametrize("heads", ["linear", "words"])
+def test_findings_loss_trains_the_projector_through_its_heads_and_saves_a_plain_llava(data, tmp_path, heads):
+    from transformers import LlavaForConditionalGeneration
+
+    _write_instances(data["root"], 16)
+    script = {"findings_loss": 1.0, "findings_heads": heads}
+    report = run_sft(data, tmp_path / "out", stage="align", max_steps=3, script=script)
+    logged = [h["findings_loss"] for h in report["log_history"] if "findings_loss" in h]
+    assert len(logged) == 3 and all(v > 0 for v in logged)
+    base, after = load_llava(data["model"]), load_llava(tmp_path / "out")
+    assert type(after) is LlavaForConditionalGeneration
+    assert set(after.state_dict()) == set(base.state_dict())  # no head weights in the checkpoint
+    assert changed_by_part(base, after)["projector"][0] > 0
+
+
+def test_findings_heads_gradients_are_zeroed_after_every_optimizer_step(data, tmp_path):
+    # the Trainer zeroes only the model's gradients; the heads' must not add up from step to step
+    from train.findings import FACTS, FindingsHeads, FindingsMixin
+
+    class Base:
+        def create_optimizer(self, model=None):
+            self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            return self.optimizer
+
+    class Trainer(FindingsMixin, Base):
+        args = type("Args", (), {"learning_rate": 0.1})()
+
+    trainer = Trainer()
+    trainer.findings_heads = FindingsHeads(4, {f: ["a", "b"] for f in FACTS})
+    optimizer = trainer.create_optimizer()
+    assert len(optimizer.param_groups) == 2
+    before = [p.detach().clone() for p in trainer.findings_heads.parameters()]
+    for _ in range(2):
+        out = trainer.findings_heads(torch.randn(3, 5, 4))
+        torch.stack([o.sum() for o in out]).sum().backward()
+        optimizer.step()
+        assert all(p.grad is None for p in trainer.findings_heads.parameters())
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, trainer.findings_heads.parameters(), strict=True)
+    )
+
+
+def test_findings_heads_change_the_projector_gradient(data, tmp_path):
+    # same run with and without the findings loss: the projector ends elsewhere, so the heads' gradient reached it
+    _write_instances(data["root"], 16)
+    run_sft(data, tmp_path / "plain", stage="align", max_steps=2)
+    run_sft(data, tmp_path / "aux", stage="align", max_steps=2, script={"findings_loss": 5.0})
+    plain, aux = load_llava(tmp_path / "plain"), load_llava(tmp_path / "aux")
+    proj = [k for k in plain.state_dict() if "multi_modal_projector" in k]
+    assert proj and any(not torch.equal(plain.state_dict()[k], aux.state_dict()[k]) for k in proj)
+
+
+def test_stage0_findings_words_trains_the_tail_towards_the_fact_words(data, tmp_path):
+    # train.findings_words: the tower's last feeding blocks and the projector learn on cached block inputs; the
+    # output is a plain Llava whose LLM is untouched
+    from train.findings_words import FACT_WORDS, fact_tables, labels_of, main
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    modalities = list(FACT_WORDS["modality"])
+    for split, n in (("train", 12), ("val", 4)):
+        rows = []
+        for i in range(n):
+            random_image(i + (100 if split == "val" else 0), size=(40, 32)).save(
+                root / "images" / f"{split}{i}.png"
+            )
+            count = i % 4
+            lesion = {"side": "left", "position": "upper", "size": "small"} if count else {}
+            rows.append(
+                {
+                    "image": f"images/{split}{i}.png",
+                    "modality": modalities[i % 3],
+                    "region": "head",
+                    "count": count,
+                }
+                | lesion
+            )
+        write_jsonl(root / f"instances_{split}.jsonl", rows)
+    report = main(
+        [
+            "--model",
+            str(data["model4"]),
+            "--image-size",
+            "28",
+            "--data",
+            str(root),
+            "--output",
+            str(tmp_path / "s0"),
+        ]
+        + ["--epochs", "2", "--batch-size", "4"]
+    )
+    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
+    assert {"val_modality", "val_count", "val_side"} <= set(report["history"][-1])
+    base, after = load_llava(data["model4"]), load_llava(tmp_path / "s0")
+    changed = changed_by_part(base, after)
+    assert changed["projector"][0] > 0 and changed["vision"][0] > 0 and changed["llm"][0] == 0
+    # only the last 2 feeding blocks of the 4-block tower (blocks 1 and 2; block 3 does not feed layer -2)
+    moved_blocks = {n.split("layer.")[1].split(".")[0] for n in moved(base, after) if "vision_tower" in n}
+    assert moved_blocks == {"1", "2"}
+    # labels: a fact the image lacks (no lesion: no side) is -100
+    from transformers import AutoTokenizer
+
+    tables = fact_tables(AutoTokenizer.from_pretrained(data["model4"]), [{"region": "head"}])
+    labels = labels_of([{"modality": "CT", "region": "head", "count": 0}], tables)
+    facts = list(tables)
+    assert labels[0, facts.index("side")] == -100 and labels[0, facts.index("count")] == 0
+
+
+def test_word_heads_score_only_facts_with_words_and_skip_none(data):
+    from transformers import AutoTokenizer
+
+    from train.findings import FACTS, WordHeads
+
+    tokenizer = AutoTokenizer.from_pretrained(data["model"])
+    classes = {
+        "modality": ["CT", "MRI"],
+        "region": ["head", "leg"],
+        "present": ["no", "yes"],
+        "count": ["0", "1", "2", "3"],
+        "side": ["left", "none", "right"],
+        "position": ["lower", "none", "upper"],
+        "size": ["large", "none", "small"],
+        "contrast": ["bright", "dark", "none"],
+    }
+    embeddings = torch.randn(len(tokenizer), 8)
+    heads = WordHeads(embeddings, tokenizer, classes)
+    findings = torch.tensor([[1, 0, 1, 2, 2, 1, 0, 0], [0, 1, 0, 0, 1, 1, 1, 2]])
+    targets = heads.targets(findings)
+    col = {fact: i for i, fact in enumerate(FACTS)}
+    assert (targets[:, col["present"]] == -100).all() and (targets[:, col["contrast"]] == -100).all()
+    assert targets[0, col["side"]] == 2 and targets[1, col["side"]] == -100  # "none": not scored
+    assert targets[0, col["count"]] == 2 and targets[1, col["modality"]] == 0
+    # a token equal to the embedding of " MRI" scores MRI above CT
+    mri = tokenizer(" MRI", add_special_tokens=False)["input_ids"][0]
+    logits = heads(embeddings[mri].reshape(1, 1, 8).repeat(1, 3, 1))
+    assert logits[col["present"]] is None and logits[col["modality"]].argmax(-1).item() == 1

@@ -113,6 +113,22 @@ class ScriptArguments(trl.ScriptArguments):
             "CPU default, every position; same loss, slower)."
         },
     )
+    findings_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "SFT only: add this weight x an auxiliary loss in which linear heads on the projected image tokens "
+            "predict medsynth's ground truth (train/findings.py; labels from instances_<split>.jsonl beside the "
+            "training files). 0: off."
+        },
+    )
+    findings_heads: str = field(
+        default="linear",
+        metadata={
+            "help": "findings_loss heads: 'linear' (one learned linear head per fact on [mean; max] of the projected "
+            "tokens) or 'words' (no weights: each fact scored by the tokens' cosine to the LLM's embedding of the "
+            "word a caption uses, as train.findings_words does)."
+        },
+    )
     malloc_trim_gib: float | None = field(
         default=None,
         metadata={
@@ -138,6 +154,8 @@ class ScriptArguments(trl.ScriptArguments):
             raise ValueError(
                 "train_file is required (a schema JSONL file, e.g. data/medsynth/instruct_train.jsonl)"
             )
+        if self.findings_heads not in ("linear", "words"):
+            raise ValueError(f"findings_heads must be 'linear' or 'words', got {self.findings_heads!r}")
         if self.malloc_trim_gib is not None and self.malloc_trim_gib <= 0:
             raise ValueError(f"malloc_trim_gib must be > 0 GiB, got {self.malloc_trim_gib}")
         if self.max_train_samples is not None and self.max_train_samples < 1:

@@ -17,6 +17,7 @@ from trl import SFTTrainer, TrlParser
 from medllava.processing import AssistantOnlyCollator
 from train.configs import ModelConfig, ScriptArguments, SFTConfig
 from train.data import get_datasets
+from train.findings import FindingsCollator, FindingsHeads, FindingsLabels, FindingsMixin, WordHeads
 from train.models import get_model
 from train.run import setup_logging, train_and_save, trainer_class
 
@@ -33,16 +34,30 @@ def main(
         "sft",
         length_column=training_args.length_column_name,
     )
+    collator, trainer_base = AssistantOnlyCollator(processor), SFTTrainer
+    if script_args.findings_loss:
+        labels = FindingsLabels([script_args.train_file, *script_args.mix_files])
+        collator, trainer_base = (
+            FindingsCollator(processor, labels),
+            type("SFTTrainer", (FindingsMixin, SFTTrainer), {}),
+        )
     # no truncation in the collator: rows over max_length were dropped (and counted) by get_datasets
-    trainer = trainer_class(SFTTrainer)(
+    trainer = trainer_class(trainer_base)(
         model=model,
         args=training_args,
-        data_collator=AssistantOnlyCollator(processor),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
     )
+    if script_args.findings_loss:
+        if script_args.findings_heads == "words":
+            embeddings = model.get_input_embeddings().weight
+            trainer.findings_heads = WordHeads(embeddings, processor.tokenizer, labels.classes)
+        else:
+            trainer.findings_heads = FindingsHeads(model.config.text_config.hidden_size, labels.classes)
+        trainer.findings_weight = script_args.findings_loss
     return train_and_save(trainer, script_args, training_args, processor, report)
 
 
