@@ -36,7 +36,14 @@ train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(STARTER_RECIPES)/$(2)
 	$(if $(RECIPE),,$(if $(3),--model_name_or_path $(STARTER_OUT)/$(3))) \
 	$(if $(call train_out,$(2)),--output_dir $(call train_out,$(2))) $(ARGS)
 
-.PHONY: train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter train-multi bench-train
+.PHONY: train-stage0 train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter train-multi bench-train
+
+# Stage 0 (experimental, not in train-starter yet): the findings as words on the tower's last 2 feeding blocks and
+# the projector, from the base at 168 px, no LLM (train/findings_words.py; MODEL_CARD.md "Targets"). Stage 1 starts
+# from it with ARGS='--model_name_or_path $(STARTER_OUT)/stage0_words --findings_loss 1.0 --findings_heads words'.
+train-stage0: ## stage 0 (experimental): medsynth findings as word embeddings on the tower's last blocks + projector, no LLM
+	@test -f $(MEDSYNTH)/instances_train.jsonl || { echo "no $(MEDSYNTH)/instances_train.jsonl: run 'make data' first"; exit 1; }
+	$(PY) -m train.findings_words --model base --image-size 168 --data $(MEDSYNTH) --output $(STARTER_OUT)/stage0_words --epochs 10
 
 train-stage1: ## stage 1 (align: projector + the tower's last 2 feeding blocks, 168 px) from the untrained base on medsynth captions
 	$(call train_run,train/sft.py,stage1_align_tower,)
