@@ -1,6 +1,9 @@
-"""An auxiliary findings loss for SFT on medsynth: linear heads on the projected image tokens predict each image's
-ground truth (modality, region, lesion presence, count, side, upper/lower, size, contrast), and their mean
-cross-entropy, times `findings_loss`, is added to the language-model loss.
+"""An auxiliary findings loss for SFT on medsynth: heads on the projected image tokens predict each image's ground
+truth (modality, region, lesion presence, count, side, upper/lower, size, contrast), and their mean cross-entropy,
+times `findings_loss`, is added to the language-model loss. `FindingsHeads` learns a linear head per fact;
+`WordHeads` has no weights and scores each fact's classes by the tokens' cosine to the LLM's embeddings of the
+words captions use (the loss of train/findings_words.py), so the tokens come to look like words the LLM can copy.
+With gradient accumulation the auxiliary loss is added per micro-batch, unscaled.
 
 Why: the LLM's loss alone teaches the projector and the tower's trained blocks to carry the lesion facts only
 weakly (linear probes: presence 0.80 on the starter's features, against disks a small CNN finds every time), and
