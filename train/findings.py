@@ -135,7 +135,7 @@ class WordHeads(nn.Module):
                 protos.append(None)
                 continue
             ids = [first_token(tokenizer, table.get(c, c)) for c in classes[fact]]
-            protos.append(nn.functional.normalize(embeddings[ids].detach().float(), dim=-1))
+            protos.append(embeddings[ids].detach().float())
         for i, proto in enumerate(protos):
             self.register_buffer(
                 f"proto{i}", proto if proto is not None else torch.empty(0), persistent=False
@@ -151,11 +151,10 @@ class WordHeads(nn.Module):
         return findings
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor | None]:
-        tokens = nn.functional.normalize(tokens.float(), dim=-1)
+        from train.findings_words import word_scores
+
         return [
-            torch.logsumexp(tokens @ getattr(self, f"proto{i}").T / self.temperature, dim=1)
-            if scored
-            else None
+            word_scores(tokens, getattr(self, f"proto{i}"), self.temperature) if scored else None
             for i, scored in enumerate(self.scored)
         ]
 

@@ -95,17 +95,23 @@ class FeedingTail(nn.Module):
         return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
 
 
+def word_scores(tokens: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(images, classes): log-sum-exp over each image's tokens (images, tokens, d) of their cosine with each class's
+    word embedding (classes, d), over the temperature. The one scoring of stage 0 and of WordHeads."""
+    tokens = nn.functional.normalize(tokens.float(), dim=-1)
+    protos = nn.functional.normalize(protos.float(), dim=-1)
+    return torch.logsumexp(tokens @ protos.T / temperature, dim=1)
+
+
 def fact_loss(
     tokens, labels, tables, embeddings, temperature: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    tokens = nn.functional.normalize(tokens.float(), dim=-1)
     losses, accuracy = [], {}
     for i, (fact, (_, ids)) in enumerate(tables.items()):
         keep = labels[:, i] >= 0
         if not keep.any():
             continue
-        protos = nn.functional.normalize(embeddings[ids], dim=-1)  # (classes, d)
-        scores = torch.logsumexp(tokens[keep] @ protos.T / temperature, dim=1)  # (n, classes)
+        scores = word_scores(tokens[keep], embeddings[ids], temperature)
         losses.append(nn.functional.cross_entropy(scores, labels[keep, i]))
         accuracy[fact] = (scores.argmax(-1) == labels[keep, i]).float().mean().item()
     return torch.stack(losses).mean(), accuracy
