@@ -26,7 +26,7 @@ ARGS ?=
 -include mk/*.mk
 
 .PHONY: help setup demo test test-slow test-browser lint format data eval bench clean-cache \
-        train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter
+        train-stage0 train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter
 
 help:
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18

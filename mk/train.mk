@@ -8,10 +8,10 @@
 #
 # The starter chain is defined once, by the stage targets below: without RECIPE, each trains its starter recipe
 # (train/recipes/starter_v2/<name>.yaml) into $(STARTER_OUT)/<name>, from $(STARTER_OUT)/<previous name>:
-#   stage1_align_tower (from 'base') -> stage2_instruct_lora_tower -> stage3_specialist_replay -> dpo | grpo
+#   stage0_words (from 'base') -> stage1_align_tower -> stage2_instruct_lora_tower -> stage3_specialist_replay -> dpo | grpo
 # DPO and GRPO both start from stage 3. The starter ships stage 3: neither preference stage improved it on the val
 # split in the head-to-head (MODEL_CARD.md). `make train-starter` runs train-stage1, -stage2 and -stage3 in that
-# order, so running those targets one by one trains the same models. The previous starter's recipes stay in
+# order (after train-stage0), so running those targets one by one trains the same models. The previous starter's recipes stay in
 # train/recipes/starter/ (RECIPE=...). With RECIPE, a target trains that recipe as written (its own model_name_or_path and
 # output_dir; OUTPUT_DIR still overrides the latter).
 
@@ -38,15 +38,17 @@ train_run = $(TRAIN_LAUNCH) $(1) --config $(or $(RECIPE),$(STARTER_RECIPES)/$(2)
 
 .PHONY: train-stage0 train-stage1 train-stage2 train-stage3 train-dpo train-grpo train-starter train-multi bench-train
 
-# Stage 0 (experimental, not in train-starter yet): the findings as words on the tower's last 2 feeding blocks and
-# the projector, from the base at 168 px, no LLM (train/findings_words.py; MODEL_CARD.md "Targets"). Stage 1 starts
-# from it with ARGS='--model_name_or_path $(STARTER_OUT)/stage0_words --findings_loss 1.0 --findings_heads words'.
-train-stage0: ## stage 0 (experimental): medsynth findings as word embeddings on the tower's last blocks + projector, no LLM
+# Stage 0: the findings as words on the tower's last 2 feeding blocks and the projector, from the base at 168 px,
+# no LLM (train/findings_words.py; MODEL_CARD.md). Stage 1 starts from it, and stages 1-3 keep the same word loss
+# beside the LM loss (findings_loss / findings_heads in their recipes). STAGE0_ARGS: extra flags (e.g. '--epochs 1'
+# for a smoke run; ARGS is for the accelerate stages).
+STAGE0_ARGS ?=
+train-stage0: ## stage 0: medsynth findings as word embeddings on the tower's last blocks + projector, no LLM (from the base)
 	@test -f $(MEDSYNTH)/instances_train.jsonl || { echo "no $(MEDSYNTH)/instances_train.jsonl: run 'make data' first"; exit 1; }
-	$(PY) -m train.findings_words --model base --image-size 168 --data $(MEDSYNTH) --output $(STARTER_OUT)/stage0_words --epochs 10
+	$(PY) -m train.findings_words --model base --image-size 168 --data $(MEDSYNTH) --output $(STARTER_OUT)/stage0_words --epochs 10 $(STAGE0_ARGS)
 
-train-stage1: ## stage 1 (align: projector + the tower's last 2 feeding blocks, 168 px) from the untrained base on medsynth captions
-	$(call train_run,train/sft.py,stage1_align_tower,)
+train-stage1: ## stage 1 (align: projector + the tower's last 2 feeding blocks, 168 px) on medsynth captions, from stage 0's output
+	$(call train_run,train/sft.py,stage1_align_tower,stage0_words)
 
 train-stage2: ## stage 2 (instruct: LoRA on the LLM, projector, tower blocks) on medsynth conversations, from stage 1's output
 	$(call train_run,train/sft.py,stage2_instruct_lora_tower,stage1_align_tower)
@@ -71,20 +73,22 @@ train-dpo: $(if $(RECIPE),,$(MEDSYNTH)/dpo_train.jsonl) ## DPO with images (LoRA
 train-grpo: ## GRPO with stated-format + accuracy rewards on medsynth prompts, from stage 3's output
 	$(call train_run,train/grpo.py,grpo,stage3_specialist_replay)
 
-# The whole CPU curriculum: the stage targets above in order (stage 1 projector + tower blocks 9-10 at 168 px ->
+# The whole CPU curriculum: the stage targets above in order (stage 0 findings as words on the tower blocks 9-10 and
+# the projector -> stage 1 projector + those blocks at 168 px ->
 # stage 2 LoRA r8 + projector + those blocks -> stage 3 LoRA r16 on the LLM and the blocks + projector), every LoRA
 # merged, so the result is a plain Llava whose change over the base is the projector, the two tower blocks and
 # low-rank factors. Then the delta is written to medllava/starter/ (what `make setup`
 # rebuilds the starter from) and evaluated. STARTER_OUT moves every output; ARGS applies to every stage (e.g.
-# ARGS='--max_steps 2' for a smoke run); RECIPE and OUTPUT_DIR do not apply.
-train-starter: ## whole starter curriculum on CPU (stage 1 -> 2 -> 3), its delta in medllava/starter/, eval
+# ARGS='--max_steps 2' for a smoke run, with STAGE0_ARGS='--epochs 1'); RECIPE and OUTPUT_DIR do not apply.
+train-starter: ## whole starter curriculum on CPU (stage 0 -> 1 -> 2 -> 3), its delta in medllava/starter/, eval
 	@test -f $(MEDSYNTH)/captions_train.jsonl || { echo "no $(MEDSYNTH)/captions_train.jsonl: run 'make data' first"; exit 1; }
+	$(MAKE) --no-print-directory train-stage0
 	$(MAKE) --no-print-directory train-stage1 RECIPE= OUTPUT_DIR=
 	$(MAKE) --no-print-directory train-stage2 RECIPE= OUTPUT_DIR=
 	$(MAKE) --no-print-directory train-stage3 RECIPE= OUTPUT_DIR=
 	$(PY) -m medllava.assets save-starter --trained $(STARTER_OUT)/stage3_specialist_replay
 	$(MAKE) --no-print-directory eval MODEL=$(STARTER_OUT)/stage3_specialist_replay OUT=$(STARTER_OUT)/eval
-	@echo "starter curriculum done: $(STARTER_OUT)/{stage1_align_tower,stage2_instruct_lora_tower,stage3_specialist_replay}; delta in medllava/starter/"
+	@echo "starter curriculum done: $(STARTER_OUT)/{stage0_words,stage1_align_tower,stage2_instruct_lora_tower,stage3_specialist_replay}; delta in medllava/starter/"
 
 # The multi-image recipe (issue 17): prior/current pairs and volume slices from `make data-multi`, grouped per instance,
 # trained on top of the shipped starter (not part of train-starter's 120-minute budget).

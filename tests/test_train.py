@@ -173,7 +173,10 @@ def test_every_recipe_parses():
 # Model names every recipe may start from (medllava.assets.resolve_model), and paths built outside the recipes,
 # each with the command that builds it (docs/train.md must show that command).
 MODEL_NAMES = {"base", "default", "starter"}
-EXTERNAL_MODELS = {"outputs/cluster/base": "python -m train.build_base"}
+EXTERNAL_MODELS = {
+    "outputs/cluster/base": "python -m train.build_base",
+    "outputs/starter_v2/stage0_words": "make train-stage0",
+}
 # keys that only matter when the Trainer evaluates
 EVAL_KEYS = ("eval_", "per_device_eval_batch_size")
 
@@ -241,14 +244,19 @@ def test_step_counts_in_recipe_comments_match_the_values():
     assert checked >= 6
 
 
-def _make_dry_run(*args) -> list[str]:
-    """The `accelerate launch` lines `make -n` prints for these goals (recursive makes included)."""
+def _make_dry_run_lines(*args) -> list[str]:
+    """The commands `make -n` prints for these goals (recursive makes included), whitespace-normalised."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
         ["make", "-n", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    return [" ".join(line.split()) for line in proc.stdout.splitlines() if "accelerate launch" in line]
+    return [" ".join(line.split()) for line in proc.stdout.splitlines()]
+
+
+def _make_dry_run(*args) -> list[str]:
+    """The `accelerate launch` lines `make -n` prints for these goals."""
+    return [line for line in _make_dry_run_lines(*args) if "accelerate launch" in line]
 
 
 def _flag(command: str, name: str) -> str | None:
@@ -261,7 +269,12 @@ def test_make_stage_targets_run_the_starter_chain():
     starter = _make_dry_run("train-starter", "STARTER_OUT=/tmp/chain")
     one_by_one = _make_dry_run(*stages, "STARTER_OUT=/tmp/chain")
     assert len(starter) == len(stages) and starter == one_by_one
-    previous = None
+    # stage 0 (no accelerate: train.findings_words) runs first and writes what stage 1 starts from
+    stage0 = _make_dry_run_lines("train-starter", "STARTER_OUT=/tmp/chain")
+    (first,) = [line for line in stage0 if "train.findings_words" in line]
+    assert stage0.index(first) < stage0.index(starter[0])
+    previous = _flag(first, "--output")
+    assert previous == "/tmp/chain/stage0_words"
     for command in starter:
         assert _flag(command, "--model_name_or_path") == previous, command
         previous = _flag(command, "--output_dir")
@@ -1069,7 +1082,7 @@ def test_mix_files_add_their_share_of_rows(data, tmp_path):
         get_datasets(script, processor, 256, "sft")
 
 
-# --- the starter_v2 recipes (not run by make yet) --------------------------------------------------------------
+# --- the starter_v2 recipes (make train-starter) -----------------------------------------------------------------
 
 
 def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversations():
@@ -1080,6 +1093,7 @@ def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversation
     stage1, _, model1 = parse("sft", ["--config", str(v2 / "stage1_align_tower.yaml")])
     assert stage1.stage == "align" and stage1.image_size in (112, 168, 224) and not model1.use_peft
     assert stage1.vision_training().trains
+    assert model1.model_name_or_path == "outputs/starter_v2/stage0_words"  # make train-stage0
     stage2, training2, model2 = parse("sft", ["--config", str(v2 / "stage2_instruct_lora_tower.yaml")])
     assert model2.model_name_or_path == "outputs/starter_v2/stage1_align_tower" and model2.use_peft
     assert stage2.vision_training().trains and training2.vision_lr
@@ -1088,6 +1102,8 @@ def test_starter_v2_recipes_train_the_tower_and_replay_captions_and_conversation
     assert stage3.vision_training() == VisionTraining(stage3.vision_train_blocks, "lora")
     assert [Path(f).name for f in stage3.mix_files] == ["captions_train.jsonl", "instruct_train.jsonl"]
     assert stage3.image_size is None  # the side comes with stage 1's saved processor
+    # the findings as words run beside the LM loss in every stage after stage 0
+    assert all((s.findings_loss, s.findings_heads) == (1.0, "words") for s in (stage1, stage2, stage3))
     # the starter chain trains them
     chain = _make_dry_run("train-starter")
     assert [_flag(command, "--config") for command in chain] == [

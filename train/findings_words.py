@@ -1,5 +1,5 @@
-"""Experimental stage 0 (vision side only, no LLM forward): teach the tower's last feeding blocks and the projector to
-put each image's findings into its image tokens as the LLM's own word embeddings.
+"""Stage 0 of the starter (`make train-stage0`; vision side only, no LLM forward): teach the tower's last feeding
+blocks and the projector to put each image's findings into its image tokens as the LLM's own word embeddings.
 
 For every fact of a medsynth image (modality, region, lesion count, upper/lower, left/right, size) the candidate
 words' first tokens (" CT", " MRI", " X", ...; " no", " one", " two", " three") give fixed prototypes: the LLM's
@@ -13,7 +13,7 @@ blocks run once, before training), minutes on 2 CPU cores; the LLM never runs. I
 checkpoint, which stage 1 starts from (`--model_name_or_path`).
 
     python -m train.findings_words --model base --image-size 168 --data data/medsynth \\
-        --output outputs/starter_v2/s0_words --epochs 10
+        --output outputs/starter_v2/stage0_words --epochs 10
 """
 
 from __future__ import annotations
