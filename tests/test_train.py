@@ -1273,7 +1273,8 @@ def test_word_heads_score_only_facts_with_words_and_skip_none(data):
     findings = torch.tensor([[1, 0, 1, 2, 2, 1, 0, 0], [0, 1, 0, 0, 1, 1, 1, 2]])
     targets = heads.targets(findings)
     col = {fact: i for i, fact in enumerate(FACTS)}
-    assert (targets[:, col["present"]] == -100).all() and (targets[:, col["contrast"]] == -100).all()
+    assert (targets[:, col["present"]] == -100).all()  # presence has no word (the count's " no" carries it)
+    assert targets[0, col["contrast"]] == 0 and targets[1, col["contrast"]] == -100  # "none": not scored
     assert targets[0, col["side"]] == 2 and targets[1, col["side"]] == -100  # "none": not scored
     assert targets[0, col["count"]] == 2 and targets[1, col["modality"]] == 0
     # a token equal to the embedding of " MRI" scores MRI above CT

@@ -114,7 +114,7 @@ class FindingsHeads(nn.Module):
 class WordHeads(nn.Module):
     """Heads with no weights of their own: a fact's class is scored by how close the image's projected tokens come
     to the LLM's input embedding of the word a caption uses for it (train.findings_words: log-sum-exp over tokens
-    of cosine / temperature). Facts without such words (presence, contrast) and "none" values are not scored."""
+    of cosine / temperature). Facts without such words (presence) and "none" values are not scored."""
 
     def __init__(
         self, embeddings: torch.Tensor, tokenizer, classes: dict[str, list[str]], temperature: float = 0.05

@@ -1,10 +1,11 @@
 """Stage 0 of the starter (`make train-stage0`; vision side only, no LLM forward): teach the tower's last feeding
 blocks and the projector to put each image's findings into its image tokens as the LLM's own word embeddings.
 
-For every fact of a medsynth image (modality, region, lesion count, upper/lower, left/right, size) the candidate
-words' first tokens (" CT", " MRI", " X", ...; " no", " one", " two", " three") give fixed prototypes: the LLM's
-input embeddings of those tokens. A fact's score for a word is the log-sum-exp over the image's projected tokens of
-their cosine similarity with that word's embedding (over a temperature); cross-entropy over the fact's words.
+For every fact of a medsynth image (modality, region, lesion count, upper/lower, left/right, size, contrast) the
+candidate words' first tokens (" CT", " MRI", " X", ...; " no", " one", " two", " three"; " bright", " dark") give
+fixed prototypes: the LLM's input embeddings of those tokens. A fact's score for a word is the log-sum-exp over the
+image's projected tokens of their cosine similarity with that word's embedding (over a temperature); cross-entropy
+over the fact's words.
 So some image token comes to look like the word " three" when there are three lesions: a token the frozen LLM can
 copy, rather than a direction it must learn to decode with its few trainable weights.
 
@@ -46,6 +47,7 @@ FACT_WORDS = {
     "position": {"upper": "upper", "lower": "lower"},
     "side": {"left": "left", "right": "right"},
     "size": {"small": "small", "large": "large"},
+    "contrast": {"bright": "bright", "dark": "dark"},
 }
 
 
