@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from medllava.processing import AssistantOnlyCollator
+from train.findings_words import FACT_WORDS, first_token, word_scores
 
 logger = logging.getLogger("medllava.train")
 
@@ -120,8 +121,6 @@ class WordHeads(nn.Module):
         self, embeddings: torch.Tensor, tokenizer, classes: dict[str, list[str]], temperature: float = 0.05
     ):
         super().__init__()
-        from train.findings_words import FACT_WORDS, first_token
-
         self.temperature = temperature
         words = {fact: {str(k): v for k, v in table.items()} for fact, table in FACT_WORDS.items()}
         self.scored: list[bool] = []
@@ -151,8 +150,6 @@ class WordHeads(nn.Module):
         return findings
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor | None]:
-        from train.findings_words import word_scores
-
         return [
             word_scores(tokens, getattr(self, f"proto{i}"), self.temperature) if scored else None
             for i, scored in enumerate(self.scored)
